@@ -1,0 +1,165 @@
+"""``--middleware textscythe_vllm.middleware.VisualTokenBudgetMiddleware``: the HTTP face of the plugin.
+
+Pure ASGI. For ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/responses`` it
+
+* moves the top-level ``visual_token_budget`` / ``visual_token_selector`` fields into ``mm_processor_kwargs``
+  (where vLLM hands them to the multimodal processor; the server needs ``--trust-request-mm-kwargs``);
+* validates them and answers HTTP 400 with an OpenAI-style error body naming the field;
+* drops every other client-supplied ``mm_processor_kwargs`` key and all ``media_io_kwargs`` -- the trust flag
+  would otherwise let clients set any HF-processor option.
+
+Responses, streamed or not, pass through untouched; after the body is read, ``receive`` is handed on so vLLM
+still sees client disconnects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from textscythe_vllm.request import (
+    BUDGET_FIELD,
+    CLIENT_KEYS,
+    SELECTOR_FIELD,
+    PruningRequestError,
+    parse_budget,
+    parse_selector,
+)
+
+logger = logging.getLogger("textscythe_vllm")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REWRITTEN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+MM_KWARGS_FIELD = "mm_processor_kwargs"
+MEDIA_IO_FIELD = "media_io_kwargs"
+#: Bodies above this are refused with 413 before parsing (images travel base64-encoded inside the body).
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class RequestRejected(Exception):
+    def __init__(self, status: int, message: str, param: str | None, error_type: str = "BadRequestError") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.error_type = status, message, param, error_type
+
+
+def rewrite_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """Return the request body with only validated, allow-listed multimodal processor kwargs."""
+    client_kwargs = payload.pop(MM_KWARGS_FIELD, None)
+    if client_kwargs is not None and not isinstance(client_kwargs, dict):
+        raise RequestRejected(400, f"'{MM_KWARGS_FIELD}' must be an object", MM_KWARGS_FIELD)
+    allowed = {key: value for key, value in (client_kwargs or {}).items() if key in CLIENT_KEYS}
+    dropped = sorted(set(client_kwargs or {}) - set(allowed))
+    if dropped:
+        logger.info("textscythe: dropped client-supplied %s keys %s", MM_KWARGS_FIELD, dropped)
+    for key in CLIENT_KEYS:  # top-level fields win over the same key inside mm_processor_kwargs
+        if key in payload:
+            allowed[key] = payload.pop(key)
+    try:
+        if BUDGET_FIELD in allowed:
+            parse_budget(allowed[BUDGET_FIELD])
+        if SELECTOR_FIELD in allowed:
+            parse_selector(allowed[SELECTOR_FIELD])
+    except PruningRequestError as error:
+        raise RequestRejected(400, str(error), error.param) from None
+    payload.pop(MEDIA_IO_FIELD, None)
+    if allowed:
+        payload[MM_KWARGS_FIELD] = allowed
+    return payload
+
+
+class VisualTokenBudgetMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int | None = None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes or int(
+            os.environ.get("TEXTSCYTHE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in REWRITTEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self._read_body(receive)
+            payload = self._parse(body)
+            if isinstance(payload, dict):
+                body = json.dumps(rewrite_payload(payload), separators=(",", ":")).encode()
+        except RequestRejected as rejection:
+            await _send_error(send, rejection)
+            return
+        except _ClientGone:
+            return
+        scope = dict(scope)
+        scope["headers"] = [
+            (name, value) for name, value in scope.get("headers", []) if name.lower() != b"content-length"
+        ] + [(b"content-length", str(len(body)).encode())]
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise RequestRejected(
+                    413, f"request body exceeds {self.max_body_bytes} bytes", None, "RequestTooLargeError"
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _parse(body: bytes) -> Any:
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            raise RequestRejected(400, f"request body is not valid JSON: {error}", None) from None
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _send_error(send: Send, rejection: RequestRejected) -> None:
+    body = json.dumps(
+        {
+            "error": {
+                "message": rejection.message,
+                "type": rejection.error_type,
+                "param": rejection.param,
+                "code": rejection.status,
+            }
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": rejection.status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,41 @@
+"""vLLM ``general_plugins`` entry point: swap in the pruning model classes.
+
+vLLM runs ``register()`` in every process it starts (API server, engine core, workers), so it is idempotent
+and cheap: it registers lazy ``"module:Class"`` strings and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from textscythe_vllm._compat import UnsupportedVLLMVersion, check_vllm_version
+
+logger = logging.getLogger("textscythe_vllm")
+
+#: vLLM architecture name -> our subclass (lazy import path).
+MODEL_CLASSES = {
+    "LlavaForConditionalGeneration": "textscythe_vllm.models.llava:TextScytheLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration":
+        "textscythe_vllm.models.llava_next:TextScytheLlavaNextForConditionalGeneration",
+}
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    import vllm
+    from vllm import ModelRegistry
+
+    try:
+        check_vllm_version(vllm.__version__)
+    except UnsupportedVLLMVersion as error:
+        # One clear line at start-up instead of a traceback (vLLM calls register() outside any handler).
+        logger.error("%s", error)
+        raise SystemExit(f"textscythe-vllm: {error}") from None
+    for architecture, class_path in MODEL_CLASSES.items():
+        ModelRegistry.register_model(architecture, class_path)
+    _registered = True
+    logger.info("textscythe: visual token pruning enabled for %s", ", ".join(MODEL_CLASSES))

@@ -1,0 +1,281 @@
+"""Processor-side glue: how many placeholders each image gets, and what the model needs to choose them.
+
+A :class:`PruningProcessorMixin` goes in front of a model family's vLLM multimodal processor. For a request
+with a budget it
+
+* reads ``visual_token_budget`` / ``visual_token_selector`` from the request's ``mm_processor_kwargs`` merged
+  over the server's ``--mm-processor-kwargs`` and validates them;
+* builds one :class:`ImagePlan` per image: budget, selector and the *instruction* (prompt token ids, see
+  :func:`instruction_token_ids`);
+* gives each image ``min(budget, N)`` placeholder tokens (``_get_mm_prompt_updates``);
+* mixes the plan into each image's multimodal hash, which keys the processor cache, the encoder cache and the
+  prefix cache -- so the same image with another question or budget is selected anew, and an identical request
+  hits every cache;
+* ships the plan to the model as the per-image tensor field :data:`PLAN_FIELD` (kept on the CPU).
+
+Without a budget nothing changes: the plugin's keys are removed and the stock processor runs with the
+request's other kwargs, so hashes and placeholders are exactly stock vLLM's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from textscythe_vllm.request import CLIENT_KEYS, PruningRequest
+from textscythe_vllm.selectors import available_selectors
+
+#: Internal ``hf_processor_mm_kwargs`` key carrying the per-image plans through vLLM's processing pipeline.
+#: Never accepted from clients (the middleware drops every key but :data:`CLIENT_KEYS`).
+PLAN_KEY = "_textscythe_plans"
+#: Per-image tensor field that carries the plan from the processor to ``embed_multimodal``.
+PLAN_FIELD = "textscythe_plan"
+_PRIVATE_KEYS = frozenset((PLAN_KEY, *CLIENT_KEYS))
+_PLAN_HEADER = 2  # [budget, selector code] precede the instruction ids
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """How one image is pruned: keep ``budget`` tokens (0 = keep all) chosen by ``selector``."""
+
+    budget: int
+    selector: str
+    instruction: tuple[int, ...]
+
+    def encode(self) -> torch.Tensor:
+        """LongTensor ``[2 + T]``: budget, selector code (index in ``available_selectors()``), instruction ids."""
+        code = available_selectors().index(self.selector) if self.budget else -1
+        return torch.tensor([self.budget, code, *self.instruction], dtype=torch.long)
+
+    @classmethod
+    def decode(cls, packed: torch.Tensor) -> ImagePlan:
+        values = packed.tolist()
+        budget, code = int(values[0]), int(values[1])
+        selector = available_selectors()[code] if budget else ""
+        return cls(budget=budget, selector=selector, instruction=tuple(values[_PLAN_HEADER:]))
+
+    def cache_key(self) -> str:
+        return f"budget={self.budget};selector={self.selector};instruction={','.join(map(str, self.instruction))}"
+
+
+UNPRUNED = ImagePlan(budget=0, selector="", instruction=())
+
+
+def strip_private_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
+    """Drop the plugin's keys: they must reach neither the HF processor nor its lru-cached constructor."""
+    return {key: value for key, value in kwargs.items() if key not in _PRIVATE_KEYS}
+
+
+def find_subsequence(sequence: Sequence[int], pattern: Sequence[int], start: int) -> int:
+    """Index of the first occurrence of ``pattern`` in ``sequence[start:]``, or ``len(sequence)``."""
+    width = len(pattern)
+    if width:
+        first = pattern[0]
+        for index in range(start, len(sequence) - width + 1):
+            if sequence[index] == first and list(sequence[index:index + width]) == list(pattern):
+                return index
+    return len(sequence)
+
+
+def instruction_token_ids(
+    prompt: Sequence[int],
+    placeholder_positions: Sequence[int],
+    *,
+    excluded_ids: frozenset[int],
+    turn_end_marker: Sequence[int],
+) -> list[tuple[int, ...]]:
+    """The instruction of each image: the prompt's text tokens up to the end of the user turn holding it.
+
+    For the image whose placeholder sits at ``p``, the instruction is every prompt token before the first
+    ``turn_end_marker`` (the chat template's generation prompt, e.g. ``ASSISTANT:``) after ``p`` -- or before the
+    end of the prompt if there is none -- minus special tokens and image placeholders (``excluded_ids``).
+    The rule makes an image's selection a function of the conversation *up to its own turn*: later turns
+    reuse the same kept tokens, so the encoder cache and the prefix cache hit across a multi-turn chat.
+    """
+    instructions = []
+    for position in placeholder_positions:
+        end = find_subsequence(prompt, turn_end_marker, position + 1)
+        instructions.append(tuple(token for token in prompt[:end] if token not in excluded_ids))
+    return instructions
+
+
+class _TokenizerFacts:
+    """Per-tokenizer facts the instruction rule needs, computed once per processor (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._facts: tuple[frozenset[int], tuple[int, ...]] | None = None
+
+    def get(self, tokenizer: Any, placeholder_ids: Sequence[int]) -> tuple[frozenset[int], tuple[int, ...]]:
+        with self._lock:
+            if self._facts is None:
+                excluded = frozenset(int(i) for i in tokenizer.all_special_ids) | frozenset(placeholder_ids)
+                self._facts = (excluded, tuple(_generation_prompt_ids(tokenizer)))
+            return self._facts
+
+
+def _generation_prompt_ids(tokenizer: Any) -> list[int]:
+    """Token ids of the chat template's generation prompt (the assistant-turn opener), or ``[]``."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    try:
+        conversation = [{"role": "user", "content": "x"}]
+        with_prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        without = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
+    except Exception:  # a template that cannot render a bare user turn: fall back to "whole prompt"
+        return []
+    if not with_prompt.startswith(without) or with_prompt == without:
+        return []
+    return list(tokenizer.encode(with_prompt[len(without):].strip(), add_special_tokens=False))
+
+
+def plan_images(
+    request: PruningRequest | None,
+    prompt: Sequence[int],
+    placeholder_ids: Sequence[int],
+    num_images: int,
+    tokenizer: Any,
+    facts: _TokenizerFacts,
+) -> tuple[ImagePlan, ...] | None:
+    """One plan per image, in prompt order, or ``None`` when the request prunes nothing."""
+    if request is None or num_images == 0:
+        return None
+    excluded, marker = facts.get(tokenizer, placeholder_ids)
+    placeholder_set = set(placeholder_ids)
+    positions = [index for index, token in enumerate(prompt) if token in placeholder_set][:num_images]
+    # Prompts whose images are not marked by a placeholder token (rare: text-level targets) use the whole
+    # prompt as the instruction of every image.
+    positions += [len(prompt)] * (num_images - len(positions))
+    instructions = instruction_token_ids(prompt, positions, excluded_ids=excluded, turn_end_marker=marker)
+    return tuple(ImagePlan(request.budget, request.selector, ids) for ids in instructions)
+
+
+def prune_prompt_update(update: Any, budget: int) -> Any:
+    """Keep the first ``budget`` embedding positions of a resolved prompt update; other tokens stay."""
+    content = update.content
+    full = list(content.full)
+    is_embed = [True] * len(full) if content.is_embed is None else content.is_embed(full).tolist()
+    if sum(is_embed) <= budget:
+        return update
+    kept, seen = [], 0
+    for token, embed in zip(full, is_embed, strict=True):
+        if embed:
+            seen += 1
+            if seen > budget:
+                continue
+        kept.append(token)
+    return replace(update, content=replace(content, full=kept))
+
+
+class PruningProcessorMixin:
+    """Put in front of a vLLM ``BaseMultiModalProcessor`` subclass (see module docstring).
+
+    ``pruned_modality`` is the modality whose items are pruned; ``placeholder_token_ids()`` returns the prompt
+    token(s) that mark one item of it before expansion.
+    """
+
+    pruned_modality: str = "image"
+
+    def placeholder_token_ids(self) -> list[int]:
+        return [self.info.get_hf_config().image_token_index]  # type: ignore[attr-defined]
+
+    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+        client_kwargs = inputs.hf_processor_mm_kwargs
+        merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(client_kwargs)  # type: ignore[attr-defined]
+        request = PruningRequest.from_kwargs(merged)
+        kwargs = strip_private_kwargs(client_kwargs)
+        items = inputs.mm_data_items.get(self.pruned_modality)
+        if not hasattr(self, "_tokenizer_facts"):
+            self._tokenizer_facts = _TokenizerFacts()
+        plans = plan_images(
+            request,
+            inputs.prompt,
+            self.placeholder_token_ids(),
+            0 if items is None else len(items),
+            self.info.get_tokenizer(),  # type: ignore[attr-defined]
+            self._tokenizer_facts,
+        )
+        if plans is not None:
+            kwargs[PLAN_KEY] = plans
+        return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)  # type: ignore[misc]
+
+    def _get_mm_hashes(self, inputs: Any) -> Any:
+        plans = inputs.hf_processor_mm_kwargs.get(PLAN_KEY)
+        stripped = replace(inputs, hf_processor_mm_kwargs=strip_private_kwargs(inputs.hf_processor_mm_kwargs))
+        hashes = super()._get_mm_hashes(stripped)  # type: ignore[misc]
+        if plans:
+            from vllm.multimodal.hasher import MultiModalHasher
+
+            algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm  # type: ignore[attr-defined]
+            hashes[self.pruned_modality] = [
+                MultiModalHasher.hash_kwargs(algorithm, item=item_hash, textscythe=plan.cache_key())
+                for item_hash, plan in zip(hashes[self.pruned_modality], plans, strict=True)
+            ]
+        return hashes
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
+        return super()._call_hf_processor(hf_data, strip_private_kwargs(hf_kwargs))  # type: ignore[misc]
+
+    def _postprocess_hf_mm_data(self, mm_inputs: Any, hf_processor_mm_kwargs: Any, processed_data: Any) -> Any:
+        processed_data = super()._postprocess_hf_mm_data(  # type: ignore[misc]
+            mm_inputs, strip_private_kwargs(hf_processor_mm_kwargs), processed_data
+        )
+        num_items = self._num_processed_items(processed_data)
+        plans = _plans_for_items(hf_processor_mm_kwargs, num_items)
+        if num_items:
+            processed_data[PLAN_FIELD] = [plan.encode() for plan in plans]
+        return processed_data
+
+    def _num_processed_items(self, processed_data: Mapping[str, object]) -> int:
+        for key in ("pixel_values", "image_embeds"):
+            value = processed_data.get(key)
+            if value is not None:
+                return len(value)  # type: ignore[arg-type]
+        return 0
+
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        fields = dict(super()._get_mm_fields_config(  # type: ignore[misc]
+            hf_inputs, strip_private_kwargs(hf_processor_mm_kwargs)
+        ))
+        fields[PLAN_FIELD] = MultiModalFieldConfig.batched(self.pruned_modality, keep_on_cpu=True)
+        return fields
+
+    def _get_mm_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
+        updates = super()._get_mm_prompt_updates(  # type: ignore[misc]
+            mm_items, strip_private_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
+        )
+        if PLAN_KEY not in hf_processor_mm_kwargs or self.pruned_modality not in updates:
+            return updates
+        item_updates = updates[self.pruned_modality]
+        plans = _plans_for_items(hf_processor_mm_kwargs, len(item_updates))
+        updates = dict(updates)
+        updates[self.pruned_modality] = [
+            [prune_prompt_update(update, plan.budget) for update in per_item]
+            for plan, per_item in zip(plans, item_updates, strict=True)
+        ]
+        return updates
+
+    def _get_cache_missing_processor_kwargs(self, inputs: Any, mm_is_cached: Mapping[str, list[bool]]) -> Any:
+        # On a processor-cache hit only the missing items are processed: hand on just their plans, so plans and
+        # processed items line up by position.
+        kwargs = dict(super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached))  # type: ignore[misc]
+        plans = kwargs.get(PLAN_KEY)
+        if plans is not None:
+            cached = mm_is_cached.get(self.pruned_modality, [False] * len(plans))
+            kwargs[PLAN_KEY] = tuple(plan for plan, hit in zip(plans, cached, strict=True) if not hit)
+        return kwargs
+
+
+def _plans_for_items(kwargs: Mapping[str, object], num_items: int) -> Sequence[ImagePlan]:
+    plans = kwargs.get(PLAN_KEY)
+    if plans is None:
+        return [UNPRUNED] * num_items
+    if len(plans) != num_items:  # type: ignore[arg-type]
+        raise RuntimeError(f"textscythe: {num_items} items to process but {len(plans)} plans")  # type: ignore[arg-type]
+    return plans  # type: ignore[return-value]

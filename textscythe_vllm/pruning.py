@@ -1,0 +1,176 @@
+"""Model-side glue: choose each image's rows inside ``embed_multimodal``.
+
+The invariant this module protects: ``embed_multimodal`` returns exactly as many rows per image as the
+processor gave it placeholders -- ``min(budget, N)``. vLLM kills the engine on fewer rows and silently
+truncates more, so every failure in selection falls back to a deterministic choice of the right size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from textscythe_vllm import metrics
+from textscythe_vllm.processing import ImagePlan
+from textscythe_vllm.selectors import TokenSelector, get_selector
+
+logger = logging.getLogger("textscythe_vllm")
+
+#: Test hook (reliability tests): when set to "1", every selection raises inside the guarded region, which
+#: must end in the deterministic fallback, never in a dead engine.
+FAULT_INJECTION_ENV = "TEXTSCYTHE_FAIL_SELECTION"
+FALLBACK_SELECTOR = "uniform"
+
+
+@cache
+def selector_instance(name: str) -> TokenSelector:
+    return get_selector(name)
+
+
+def decode_plans(packed: object, num_items: int) -> list[ImagePlan] | None:
+    """Plans from the :data:`~textscythe_vllm.processing.PLAN_FIELD` batch (a stacked tensor or a list)."""
+    if packed is None:
+        return None
+    rows = list(packed.unbind(0)) if isinstance(packed, Tensor) else list(packed)  # type: ignore[call-overload]
+    if len(rows) != num_items:
+        raise RuntimeError(f"textscythe: {len(rows)} pruning plans for {num_items} items")
+    plans = [ImagePlan.decode(row) for row in rows]
+    return plans if any(plan.budget for plan in plans) else None
+
+
+def choose_rows(
+    features: Tensor,  # [M, D] one item's projected visual tokens, in placeholder order
+    attention: Tensor | None,  # [M] attention each row receives in the vision tower, or None
+    text: Tensor,  # [T, D] instruction-token embeddings
+    plan: ImagePlan,
+    candidates: Tensor | None = None,  # [M] bool: rows that carry image content (False: layout tokens)
+) -> Tensor:
+    """The ``[min(budget, M), D]`` rows to feed the LLM, in position order; never raises, never another count.
+
+    Pruning selectors return kept rows; merging selectors (visionzip, visiondrop) return merged rows. Layout
+    rows (LLaVA-NeXT's newline tokens) are not selected while image rows remain; when the budget exceeds the
+    image rows, the earliest layout rows fill the rest so the count still matches the placeholders.
+    """
+    num_rows = features.shape[0]
+    keep = min(plan.budget, num_rows)
+    if keep == num_rows:
+        return features
+    started = time.perf_counter()
+    try:
+        if os.environ.get(FAULT_INJECTION_ENV) == "1":
+            raise RuntimeError(f"selection failure injected by {FAULT_INJECTION_ENV}=1")
+        rows = _select(features, attention, text, plan.selector, keep, candidates)
+        if rows.shape != (keep, features.shape[1]):
+            raise RuntimeError(f"selector {plan.selector!r} returned {tuple(rows.shape)}, expected {keep} rows")
+    except Exception:
+        logger.exception("textscythe: selector %r failed; falling back to %r", plan.selector, FALLBACK_SELECTOR)
+        metrics.record_fallback(plan.selector)
+        try:
+            rows = _select(features, None, text[:0], FALLBACK_SELECTOR, keep, candidates)
+        except Exception:
+            logger.exception("textscythe: fallback selector failed; keeping the first %d rows", keep)
+            rows = features[:keep]
+    metrics.record_selection(plan, num_rows, keep, time.perf_counter() - started)
+    return rows
+
+
+def _select(
+    features: Tensor, attention: Tensor | None, text: Tensor, selector: str, keep: int, candidates: Tensor | None
+) -> Tensor:
+    if candidates is None:
+        return selector_instance(selector).select(features, text, attention, keep).embeddings
+    content_rows = candidates.nonzero().squeeze(1)  # [C]
+    num_content = content_rows.shape[0]
+    result = selector_instance(selector).select(
+        features[content_rows], text, None if attention is None else attention[content_rows], min(keep, num_content)
+    )
+    positions, rows = content_rows[result.indices], result.embeddings
+    if keep > num_content:
+        layout_rows = (~candidates).nonzero().squeeze(1)[: keep - num_content]
+        positions = torch.cat([positions, layout_rows])
+        rows = torch.cat([rows, features[layout_rows]])
+    return rows[torch.argsort(positions)]
+
+
+def prune_items(
+    features: Sequence[Tensor],  # per item [M_i, D]
+    attention: Sequence[Tensor | None],  # per item [M_i] or None
+    plans: Sequence[ImagePlan],
+    embed_tokens: Callable[[Tensor], Tensor],  # instruction ids [T] -> embeddings [T, D]
+    candidates: Sequence[Tensor | None] | None = None,
+) -> list[Tensor]:
+    """Apply each item's plan; unpruned items (budget 0) come back unchanged."""
+    pruned = []
+    for index, (item, plan) in enumerate(zip(features, plans, strict=True)):
+        if plan.budget == 0 or plan.budget >= item.shape[0]:
+            if plan.budget:
+                metrics.record_selection(plan, item.shape[0], item.shape[0], 0.0)
+            pruned.append(item)
+            continue
+        ids = torch.tensor(plan.instruction, dtype=torch.long, device=item.device)
+        text = embed_tokens(ids) if ids.numel() else item.new_zeros((0, item.shape[1]))
+        pruned.append(choose_rows(
+            item, attention[index], text, plan, None if candidates is None else candidates[index]
+        ))
+    return pruned
+
+
+class ClsAttentionProbe:
+    """[CLS] attention of a CLIP tower's feature layer, read off vLLM's own forward pass.
+
+    A forward hook on the last encoder layer's ``qkv_proj`` (the layer whose output LLaVA uses as features:
+    vLLM builds the tower only up to the feature layer) takes the query row of the [CLS] token and the keys
+    of all tokens, and computes ``softmax(q_cls . K^T / sqrt(d))`` per head, averaged over heads: ``[B, S]``,
+    O(S * d) per head, never an ``S x S`` matrix, and the attention backend is untouched. With tensor
+    parallelism each rank holds some heads; their sums are all-reduced so every rank sees the same scores.
+    """
+
+    def __init__(self, attention_module: torch.nn.Module) -> None:
+        self._attention = attention_module
+        self._captured: list[Tensor] | None = None
+        attention_module.qkv_proj.register_forward_hook(self._on_qkv)
+
+    @classmethod
+    def for_clip_tower(cls, vision_tower: torch.nn.Module) -> ClsAttentionProbe | None:
+        from vllm.model_executor.models.clip import CLIPVisionModel
+
+        if not isinstance(vision_tower, CLIPVisionModel):
+            return None
+        return cls(vision_tower.vision_model.encoder.layers[-1].self_attn)
+
+    def _on_qkv(self, module: torch.nn.Module, args: object, output: object) -> None:
+        if self._captured is None:
+            return
+        qkv = output[0] if isinstance(output, tuple) else output  # [B, S, 3 * local_dim]
+        self._captured.append(self._cls_attention(qkv))
+
+    def _cls_attention(self, qkv: Tensor) -> Tensor:
+        attention = self._attention
+        heads, head_dim = attention.num_heads_per_partition, attention.head_dim
+        batch, seq_len = qkv.shape[0], qkv.shape[1]
+        query, key, _ = qkv.float().chunk(3, dim=-1)
+        cls_query = query[:, 0].reshape(batch, heads, head_dim)  # [B, h, d]
+        keys = key.reshape(batch, seq_len, heads, head_dim)  # [B, S, h, d]
+        scores = torch.einsum("bhd,bshd->bhs", cls_query, keys) * attention.scale
+        summed = torch.softmax(scores, dim=-1).sum(dim=1)  # [B, S], summed over this rank's heads
+        if attention.tp_size > 1:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            summed = tensor_model_parallel_all_reduce(summed)
+        return summed / attention.num_heads
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[Tensor]]:
+        """Collect ``[B, S]`` attention for every tower call inside the block."""
+        self._captured = captured = []
+        try:
+            yield captured
+        finally:
+            self._captured = None

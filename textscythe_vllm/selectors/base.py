@@ -1,0 +1,280 @@
+"""Shared mechanics of all visual-token selectors.
+
+A selector is a small dataclass whose fields are the method's hyper-parameters. :meth:`TokenSelector.select`
+owns everything that is the same for every method -- input validation, the ``budget >= N`` shortcut,
+float32 scoring, sorting the result and gathering the output rows -- and calls the method's
+:meth:`TokenSelector._select` with clean float32 inputs and ``1 <= k < N``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SelectionResult:
+    """What a selector keeps.
+
+    ``indices``: LongTensor ``[K]``, unique and sorted ascending -- positions in the image's token sequence.
+    ``embeddings``: ``[K, D]`` rows to feed the LLM, same dtype/device as the visual input. For pure pruning
+    selectors this is ``visual[indices]``; merging selectors return merged rows, each standing at the
+    position in ``indices``.
+    ``info``: optional per-method diagnostics (e.g. TextScythe's key text tokens), never needed to serve.
+    """
+
+    indices: Tensor
+    embeddings: Tensor
+    info: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Selection:
+    """What ``_select`` may return instead of bare indices: diagnostics and/or merged rows.
+
+    ``merged``: ``[K, D]`` rows aligned with ``indices`` for merging methods; ``None`` for pure pruning
+    (the base class then gathers ``visual[indices]`` in the input's own dtype, bit-exact).
+    """
+
+    indices: Tensor
+    merged: Tensor | None = None
+    info: dict[str, Tensor] = field(default_factory=dict)
+
+
+def check_budget(budget: object) -> int:
+    """Return ``budget`` as an int, or raise ``ValueError`` for anything that is not an integer >= 1.
+
+    Python, numpy and torch integer scalars are accepted; bools (of any library), floats, strings and None
+    are not.
+    """
+    return check_integer("budget", budget, minimum=1)
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """Row-wise L2 normalisation; all-zero rows stay zero (cosine 0 with everything)."""
+    return torch.nn.functional.normalize(x, p=2.0, dim=-1, eps=1e-12)
+
+
+def minmax_normalize(attention: Tensor | None, num_tokens: int, like: Tensor) -> Tensor:
+    """Min-max normalise attention to [0, 1] over all tokens; zeros if absent or constant. ``[N]`` float."""
+    if attention is None:
+        return torch.zeros(num_tokens, dtype=like.dtype, device=like.device)
+    low, high = torch.aminmax(attention)
+    span = high - low
+    # torch.where keeps this on the device: no host round-trip to test for a constant vector.
+    return torch.where(span > 0, (attention - low) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def stable_top_k(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest scores; ties go to the lower index (``torch.topk`` does not promise that)."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k]
+
+
+def greedy_diverse_fill(
+    unit_visual: Tensor,  # [N, D] L2-normalised rows
+    base_score: Tensor,  # [N] importance term, higher is better
+    candidates: Tensor,  # [N] bool, tokens that may be picked
+    count: int,
+) -> Tensor:
+    """Pick ``count`` tokens greedily by ``base_score[j] - max_{k picked} cos(V_j, V_k)``.
+
+    The first pick maximises ``base_score`` alone (the max over an empty set is not taken). Ties go to the
+    lower index (``torch.argmax`` returns the first maximum). Each step is one ``[N, D] @ [D]`` product; the
+    loop runs ``count`` times, stays on the device and never synchronises with the host.
+    Returns LongTensor ``[count]`` in pick order.
+    """
+    device = unit_visual.device
+    picked = torch.empty(count, dtype=torch.long, device=device)
+    if count == 0:
+        return picked
+    blocked = torch.full_like(base_score, -math.inf)
+    available = candidates.clone()
+    positions = torch.arange(base_score.shape[0], device=device)
+    max_cos = torch.zeros_like(base_score)  # replaced by the first pick's similarities, never max'ed with 0
+    for step in range(count):
+        score = torch.where(available, base_score - max_cos, blocked)
+        choice = torch.argmax(score).view(1)  # [1]: indexing with a 0-dim tensor would sync via .item()
+        picked[step:step + 1] = choice
+        available &= positions != choice
+        similarity = unit_visual @ unit_visual.index_select(0, choice).squeeze(0)  # [N]
+        max_cos = similarity if step == 0 else torch.maximum(max_cos, similarity)
+    return picked
+
+
+def _is_scalar_non_bool(value: object) -> bool:
+    """Python/numpy/torch scalar (0-dim) that is not a boolean."""
+    return not isinstance(value, (bool, str, bytes)) and getattr(value, "ndim", 0) == 0 \
+        and str(getattr(value, "dtype", "")) not in ("bool", "torch.bool")
+
+
+def check_integer(name: str, value: object, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Validate an integer hyper-parameter (numpy/torch integer scalars accepted, bools not); return an int."""
+    try:
+        if not _is_scalar_non_bool(value):
+            raise TypeError
+        number = operator.index(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be an integer <= {maximum}, got {number}")
+    return number
+
+
+def check_fraction(
+    name: str, value: object, *, low: float = 0.0, high: float = 1.0, open_low: bool = False,
+    open_high: bool = False,
+) -> float:
+    """Validate a real hyper-parameter in ``[low, high]`` (ends excluded where ``open_*``); return a float."""
+    try:
+        if not _is_scalar_non_bool(value) or isinstance(value, complex):
+            raise TypeError
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})") from None
+    below = number <= low if open_low else number < low
+    above = number >= high if open_high else number > high
+    if not math.isfinite(number) or below or above:
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return number
+
+
+def ratio_count(ratio: float, total: int) -> int:
+    """``floor(ratio * total)``, robust to binary rounding (``0.29 * 100`` counts as 29, not 28)."""
+    return min(total, math.floor(ratio * total + 1e-9))
+
+
+def positions_where_false(mask: Tensor, count: int) -> Tensor:
+    """Ascending positions of the ``count`` False entries of a 1-D bool ``mask`` (caller knows ``count``).
+
+    A stable sort instead of ``nonzero`` keeps the result's size known on the host: no device sync.
+    """
+    return torch.sort(mask.to(torch.uint8), stable=True).indices[:count]
+
+
+def dominant_contextual_merge(visual: Tensor, importance: Tensor, num_dominant: int, k: int) -> Selection:
+    """VisionZip-style "dominant + contextual" reduction of ``visual [N, D]`` to ``k`` rows (``k < N``).
+
+    1. Dominant: the ``num_dominant`` tokens with the largest ``importance`` (ties -> lower index), kept as is.
+    2. Contextual: of the ``R = N - num_dominant`` remaining tokens, in ascending position order, every
+       ``step = max(1, R // c)``-th one (the first ``c = k - num_dominant``) becomes a merge target, as in
+       VisionZip's official code. Every other remaining token is assigned to the target with the largest
+       cosine similarity (ties -> the lower-positioned target) and the target's row becomes the plain mean of
+       its group ``{target} + assigned tokens``.
+
+    Returns a :class:`Selection` with ``indices`` = dominant then target positions, ``merged`` rows aligned
+    with them, and ``info``: ``dominant_mask [N]`` (bool) and ``merge_target [N]`` (the kept position each
+    token ended up in; kept tokens map to themselves). Sync-free and deterministic (the group sums are a
+    one-hot matmul, not an atomic scatter).
+    """
+    num_tokens = visual.shape[0]
+    device = visual.device
+    positions = torch.arange(num_tokens, device=device)
+    dominant = stable_top_k(importance, num_dominant)
+    is_dominant = torch.zeros(num_tokens, dtype=torch.bool, device=device).index_fill_(0, dominant, True)
+    merge_target = positions.clone()
+    num_contextual = k - num_dominant
+    if num_contextual == 0:
+        return Selection(indices=dominant, info={"dominant_mask": is_dominant, "merge_target": merge_target})
+
+    num_remaining = num_tokens - num_dominant
+    remaining = positions_where_false(is_dominant, num_remaining)  # [R] ascending
+    step = max(1, num_remaining // num_contextual)
+    target_local = torch.arange(num_contextual, device=device) * step  # == arange(0, R, step)[:c]
+    is_target_local = torch.zeros(num_remaining, dtype=torch.bool, device=device).index_fill_(
+        0, target_local, True
+    )
+    targets = remaining[target_local]  # [c]
+    sources = remaining[positions_where_false(is_target_local, num_remaining - num_contextual)]  # [R - c]
+
+    unit = l2_normalize(visual)
+    assignment = (unit[sources] @ unit[targets].T).argmax(dim=1)  # [R - c], first max -> lower target
+    one_hot = (assignment[:, None] == torch.arange(num_contextual, device=device)[None, :]).to(visual.dtype)
+    group_sum = visual[targets] + one_hot.T @ visual[sources]  # [c, D]
+    group_size = 1.0 + one_hot.sum(dim=0)  # [c]
+    contextual_rows = group_sum / group_size[:, None]
+
+    merge_target[sources] = targets[assignment]
+    indices = torch.cat([dominant, targets])
+    merged = torch.cat([visual[dominant], contextual_rows])
+    return Selection(
+        indices=indices, merged=merged, info={"dominant_mask": is_dominant, "merge_target": merge_target}
+    )
+
+
+@dataclass
+class TokenSelector(ABC):
+    """Base class: subclasses are dataclasses whose fields are hyper-parameters, and implement ``_select``."""
+
+    name: ClassVar[str]
+    #: whether the method reads ``text`` / ``attention`` (others ignore them; the vLLM glue uses this to skip
+    #: computing inputs a method does not need).
+    uses_text: ClassVar[bool] = False
+    uses_attention: ClassVar[bool] = False
+
+    def select(
+        self,
+        visual: Tensor,  # [N, D] projected visual tokens of one image
+        text: Tensor | None = None,  # [T, D] instruction-token embeddings (T may be 0)
+        attention: Tensor | None = None,  # [N] vision-encoder attention each token receives
+        budget: int = 64,
+    ) -> SelectionResult:
+        budget = check_budget(budget)
+        self._check_inputs(visual, text, attention)
+        num_tokens = visual.shape[0]
+        if budget >= num_tokens:
+            return SelectionResult(
+                indices=torch.arange(num_tokens, device=visual.device), embeddings=visual
+            )
+        score_dtype = torch.float64 if visual.dtype == torch.float64 else torch.float32
+        visual_f = visual.to(score_dtype)
+        if text is None:
+            text_f = visual_f.new_zeros((0, visual.shape[1]))
+        else:
+            text_f = text.to(device=visual.device, dtype=score_dtype)
+        attention_f = None if attention is None else attention.to(device=visual.device, dtype=score_dtype)
+
+        picked = self._select(visual_f, text_f, attention_f, budget)
+        if not isinstance(picked, Selection):
+            picked = Selection(indices=picked)
+        indices, order = torch.sort(picked.indices)
+        embeddings = visual[indices] if picked.merged is None else picked.merged[order].to(visual.dtype)
+        return SelectionResult(indices=indices, embeddings=embeddings, info=picked.info)
+
+    @abstractmethod
+    def _select(
+        self, visual: Tensor, text: Tensor, attention: Tensor | None, k: int
+    ) -> Tensor | Selection:
+        """Choose ``k`` of ``visual``'s ``N`` rows (``1 <= k < N``; inputs are finite float32/64).
+
+        Return the chosen indices (LongTensor ``[k]``, unique, any order), or a :class:`Selection` carrying
+        merged rows and/or diagnostics.
+        """
+
+    @staticmethod
+    def _check_inputs(visual: Tensor, text: Tensor | None, attention: Tensor | None) -> None:
+        if not isinstance(visual, Tensor) or visual.dim() != 2 or visual.shape[0] == 0:
+            raise ValueError(f"visual must be a non-empty [N, D] tensor, got shape {getattr(visual, 'shape', None)}")
+        if not visual.dtype.is_floating_point:
+            raise ValueError(f"visual must be floating point, got {visual.dtype}")
+        num_tokens, dim = visual.shape
+        if text is not None and (text.dim() != 2 or (text.shape[0] > 0 and text.shape[1] != dim)):
+            raise ValueError(f"text must be [T, {dim}], got shape {tuple(text.shape)}")
+        if attention is not None and (attention.dim() != 1 or attention.shape[0] != num_tokens):
+            raise ValueError(f"attention must be [{num_tokens}], got shape {tuple(attention.shape)}")
+        # One fused check (a single host sync) for NaN/inf anywhere in the inputs.
+        checks = [torch.isfinite(visual).all()]
+        if text is not None and text.numel():
+            checks.append(torch.isfinite(text).all().to(visual.device))
+        if attention is not None:
+            checks.append(torch.isfinite(attention).all().to(visual.device))
+        if not bool(torch.stack(checks).all()):
+            raise ValueError("selector inputs contain NaN or inf")

@@ -1,0 +1,129 @@
+"""Start a real ``vllm serve`` subprocess with the plugin, for tests, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+MIDDLEWARE = "textscythe_vllm.middleware.VisualTokenBudgetMiddleware"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_test_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for vLLM on a small CPU machine: 1 GiB KV cache, both cores for the worker."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def vllm_executable() -> str:
+    candidate = Path(sys.executable).with_name("vllm")
+    return str(candidate) if candidate.exists() else (shutil.which("vllm") or "vllm")
+
+
+class VLLMServer:
+    """``with VLLMServer(model_dir, ["--load-format", "dummy"]) as server: server.base_url``.
+
+    Starts ``vllm serve`` with the plugin's middleware and ``--trust-request-mm-kwargs``, waits for
+    ``/health``, and stops the whole process group on exit. The log goes to ``log_path``.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        extra_args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout: float = 420.0,
+        with_middleware: bool = True,
+        served_model_name: str = "tiny-llava",
+    ) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.model_name = served_model_name
+        args = [
+            vllm_executable(), "serve", str(model),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--served-model-name", served_model_name,
+            "--enforce-eager", "--max-model-len", "4096",
+        ]
+        if with_middleware:
+            args += ["--middleware", MIDDLEWARE, "--trust-request-mm-kwargs"]
+        self.args = [*args, *extra_args]
+        self.env = cpu_test_env(env)
+        self.log_path = Path(log_path) if log_path else Path(f"/tmp/textscythe-vllm-{self.port}.log")
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> VLLMServer:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
+        self.process = subprocess.Popen(
+            self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vllm serve not healthy after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None and self.healthy()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        finally:
+            self.process = None

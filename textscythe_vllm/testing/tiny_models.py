@@ -1,0 +1,360 @@
+"""Tiny LLaVA-shaped checkpoints, built locally, that vLLM serves on CPU.
+
+The checkpoints have the real *shapes* that matter for visual-token pruning (a CLIP ViT-L/14-336 style
+tower: 336 px, 14 px patches, 576 image tokens per LLaVA-1.5 image; LLaVA-NeXT's any-resolution tiling
+with up to 2,928 tokens per image), but a tiny width and depth, so they start in seconds on CPU:
+
+* ``with_weights=False`` (default): config, tokenizer and processor only. Serve with
+  ``vllm serve PATH --load-format dummy`` (random weights made by vLLM).
+* ``with_weights=True``: also random, seeded weights saved with ``save_pretrained`` as safetensors, with
+  the key names vLLM 0.32's loader expects (and transformers still loads), so the HF model and vLLM can
+  be compared on the same weights.
+
+Nothing is downloaded. The tokenizer is a word-level ``tokenizers`` model over a small English
+vocabulary (lower-cased; unknown words map to ``<unk>``) with ``<image>`` as a special token, and the
+chat template follows LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:`` format.
+
+Command line::
+
+    python -m textscythe_vllm.testing.tiny_models PATH [--kind llava-1.5|llava-next] [--with-weights]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+KINDS = ("llava-1.5", "llava-next")
+
+UNK_TOKEN = "<unk>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+PAD_TOKEN = "<pad>"
+IMAGE_TOKEN = "<image>"
+# Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3, <image>=4.
+SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)
+
+PATCH_SIZE = 14
+IMAGE_SIZE = 336
+# LLaVA-v1.6 (llava-hf/llava-v1.6-*) any-resolution grid, as [height, width].
+LLAVA_NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+MAX_POSITION_EMBEDDINGS = 4096
+
+_PUNCTUATION = list(".,?!:;'\"()-/&%$#+=*")
+_DIGITS = list("0123456789")
+# A few hundred common English words: enough for typical VQA-style questions and answers.
+_WORD_TEXT = """
+a an the this that these those there here it its is are was were be been being am do does did done doing
+have has had having will would can could should may might must shall not no yes i me my mine you your
+yours he him his she her hers we us our they them their what which who whom whose when where why how
+many much more most less least few some any all each every both either neither other another such only
+own same so than too very just also again ever never always often and or but if then else because while
+until of in on at by for with about against between into through during before after above below to from
+up down out off over under near far inside outside behind front beside next left right top bottom middle
+center centre side around across along colour color colours colors red orange yellow green blue purple
+pink brown black white gray grey gold silver dark light bright pale one two three four five six seven
+eight nine ten eleven twelve first second third last number count image picture photo photograph scene
+view shown show shows see seen look looks looking visible describe description detail details answer
+question word words sentence short long brief briefly please tell explain give name list identify read
+text written sign label letter letters man men woman women person people boy girl child children baby
+player players crowd family dog dogs cat cats bird birds horse horses cow cows sheep elephant elephants
+bear bears zebra zebras giraffe giraffes animal animals fish car cars bus buses truck trucks train
+trains bike bicycle motorcycle boat boats plane airplane vehicle road street sidewalk traffic stop
+parking umbrella umbrellas hat cap shirt jacket coat dress shoes glasses bag backpack tie table chair
+chairs bed couch sofa desk shelf door window windows wall floor room kitchen bathroom house building
+buildings tower bridge fence roof tree trees grass flower flowers plant plants field park garden forest
+mountain mountains hill sky cloud clouds sun snow rain water river lake sea ocean beach sand rock rocks
+food pizza cake sandwich fruit banana bananas apple apples orange oranges bowl plate cup glass bottle
+knife fork spoon phone computer laptop screen keyboard mouse clock book books ball kite frisbee
+skateboard surfboard skis racket bat shape shapes circle square triangle rectangle star line lines big
+small large little tall short wide narrow round flat open closed full empty new old young hot cold warm
+wet dry clean dirty happy sad good bad best better same different similar holding hold holds wearing
+wear wears sitting sit sits standing stand stands walking walk walks running run runs riding ride rides
+eating eat eats playing play plays flying fly flies carrying carry lying lie using use uses waiting wait
+looking watching watch day night morning evening time year years today kind type sort part parts piece
+pieces thing things object objects area place main background foreground helpful help assistant reply
+respond single phrase based provided
+"""
+_WORDS = _WORD_TEXT.split()
+
+# LLaVA-1.5 style: "<s>USER: <image>\nWhat is this? ASSISTANT: answer</s>USER: ... ASSISTANT:".
+# Content may be a string (which may itself contain "<image>") or a list of OpenAI-style parts; image
+# parts ("image", "image_url", "image_pil") render as "<image>\n" where they appear.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set text = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ['image', 'image_url', 'image_pil'] -%}"
+    "{%- set ns.text = ns.text + '<image>\\n' -%}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{%- set ns.text = ns.text + part['text'] + ('' if loop.last else ' ') -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set text = ns.text -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{- text + ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- 'ASSISTANT: ' + text + eos_token -}}"
+    "{%- else -%}"
+    "{{- 'USER: ' + text + ' ' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- 'ASSISTANT:' -}}"
+    "{%- endif -%}"
+)
+
+
+def vocabulary() -> dict[str, int]:
+    """Token -> id for the tiny word-level tokenizer (special tokens first, then punctuation, digits, words)."""
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS, *_PUNCTUATION, *_DIGITS, "user", "assistant", "system", *_WORDS):
+        vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def build_tiny_tokenizer():
+    """A ``PreTrainedTokenizerFast`` over :func:`vocabulary`, with the LLaVA-style chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = vocabulary()
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    # Word-level decoding: words joined by spaces, no space before punctuation.
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A $B",
+        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        model_max_length=MAX_POSITION_EMBEDDINGS,
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == vocab[IMAGE_TOKEN]
+    return tokenizer
+
+
+def _text_config(vocab_size: int, dtype: str):
+    from transformers import LlamaConfig
+
+    # head_dim 64: vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ...
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+        dtype=dtype,
+    )
+
+
+def _vision_config(dtype: str):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=64,
+        dtype=dtype,
+    )
+
+
+def _build_config(kind: str, vocab_size: int, image_token_id: int, dtype: str):
+    common: dict[str, Any] = dict(
+        vision_config=_vision_config(dtype),
+        text_config=_text_config(vocab_size, dtype),
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    if kind == "llava-1.5":
+        from transformers import LlavaConfig
+
+        config = LlavaConfig(**common, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+        config.architectures = ["LlavaForConditionalGeneration"]
+    else:
+        from transformers import LlavaNextConfig
+
+        config = LlavaNextConfig(
+            **common,
+            image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_GRID_PINPOINTS],
+            image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        )
+        config.architectures = ["LlavaNextForConditionalGeneration"]
+    config.dtype = dtype
+    return config
+
+
+def _build_processor(kind: str, tokenizer):
+    size = {"shortest_edge": IMAGE_SIZE}
+    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    if kind == "llava-1.5":
+        from transformers import CLIPImageProcessor, LlavaProcessor
+
+        image_processor = CLIPImageProcessor(size=size, crop_size=crop)
+        processor_cls = LlavaProcessor
+    else:
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+        image_processor = LlavaNextImageProcessor(
+            size=size, crop_size=crop, image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_GRID_PINPOINTS]
+        )
+        processor_cls = LlavaNextProcessor
+    return processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def vllm_weight_name(name: str) -> str:
+    """Map a key written by transformers 5's ``save_pretrained`` to the name vLLM 0.32's LLaVA loader expects.
+
+    transformers 5 saves LLaVA in the legacy top-level layout (``language_model.model.*``,
+    ``language_model.lm_head.*``, ``multi_modal_projector.*``, ``image_newline``), which vLLM maps
+    itself, but it writes the CLIP tower without its ``vision_model.`` level
+    (``vision_tower.embeddings.*``). vLLM's ``CLIPVisionModel`` lives under ``vision_tower.vision_model``,
+    and transformers accepts that layout too (it strips ``vision_model.`` when loading), so we restore it.
+    """
+    prefix = "vision_tower."
+    if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+        return prefix + "vision_model." + name[len(prefix) :]
+    return name
+
+
+def _save_random_weights(config, path: Path, kind: str, seed: int) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if kind == "llava-1.5":
+        from transformers import LlavaForConditionalGeneration as model_cls
+    else:
+        from transformers import LlavaNextForConditionalGeneration as model_cls
+
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    if kind == "llava-next":
+        # transformers initialises image_newline with torch.empty-like values in some versions: make it seeded.
+        with torch.no_grad():
+            model.model.image_newline.normal_(0.0, config.text_config.hidden_size**-0.5)
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
+
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise RuntimeError(
+            f"expected exactly one safetensors file in {path}, found {[f.name for f in files]}"
+        )
+    tensors = load_file(files[0])
+    renamed = {vllm_weight_name(k): v.contiguous() for k, v in tensors.items()}
+    if len(renamed) != len(tensors):
+        raise RuntimeError("weight renaming produced duplicate names")
+    save_file(renamed, files[0], metadata={"format": "pt"})
+    files[0].chmod(0o644)
+
+
+def build_tiny_llava(
+    path: str | Path,
+    *,
+    kind: str = "llava-1.5",
+    with_weights: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """Write a tiny LLaVA-1.5 or LLaVA-NeXT checkpoint directory to ``path`` and return it.
+
+    The directory holds ``config.json``, the tokenizer, the image processor and the processor (with its
+    chat template); with ``with_weights=True`` also ``model.safetensors`` with random weights drawn from
+    ``seed``. Without weights, load it in vLLM with ``--load-format dummy``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tiny_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = _build_config(kind, len(tokenizer), image_token_id, dtype)
+    processor = _build_processor(kind, tokenizer)
+
+    if with_weights:
+        _save_random_weights(config, path, kind, seed)
+    else:
+        for stale in path.glob("*.safetensors"):
+            stale.unlink()
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            index.unlink()
+        config.save_pretrained(path)
+    processor.save_pretrained(path)
+    # vLLM and transformers both look for the template next to the tokenizer too.
+    tokenizer.save_pretrained(path)
+    with open(path / "textscythe_tiny_model.json", "w") as f:
+        json.dump({"kind": kind, "with_weights": with_weights, "seed": seed, "dtype": dtype}, f, indent=2)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m textscythe_vllm.testing.tiny_models",
+        description="Write a tiny LLaVA-shaped checkpoint that vLLM serves on CPU.",
+    )
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--kind", choices=KINDS, default="llava-1.5")
+    parser.add_argument("--with-weights", action="store_true", help="also save random (seeded) weights")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    args = parser.parse_args(argv)
+    out = build_tiny_llava(
+        args.path, kind=args.kind, with_weights=args.with_weights, seed=args.seed, dtype=args.dtype
+    )
+    load = "" if args.with_weights else " --load-format dummy"
+    print(f"wrote {args.kind} tiny model to {out} (serve: vllm serve {out}{load} --enforce-eager)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
