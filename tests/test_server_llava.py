@@ -132,6 +132,19 @@ def test_completions_endpoint_with_budget(client, server):
     assert response.usage.prompt_tokens >= 1
 
 
+def test_responses_endpoint_with_budget(client, server):
+    from textscythe_vllm.testing.images import data_url
+
+    def input_tokens(budget):
+        content = [{"type": "input_image", "image_url": data_url(scene(10))}, {"type": "input_text", "text": QUESTION}]
+        return client.responses.create(
+            model=server.model_name, input=[{"role": "user", "content": content}], max_output_tokens=2,
+            temperature=0.0, extra_body=None if budget is None else {"visual_token_budget": budget},
+        ).usage.input_tokens
+
+    assert input_tokens(24) == input_tokens(None) - IMAGE_TOKENS + 24
+
+
 def test_two_images_one_budget_applies_per_image(client, server):
     messages = [user_message(QUESTION, scene(6), scene(7))]
     full = chat(client, server, messages).usage.prompt_tokens

@@ -220,7 +220,7 @@ def test_cases_cover_both_branches() -> None:
     assert with_keys >= 80, with_keys
     # attention modes all appear on the supplementation path
     modes = {("none" if c.attention is None else "constant" if np.ptp(c.attention) == 0 else "random")
-             for c, r in zip(CASES, results) if r.supplemented > 1}
+             for c, r in zip(CASES, results, strict=True) if r.supplemented > 1}
     assert modes == {"none", "constant", "random"}
 
 

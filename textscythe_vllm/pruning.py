@@ -8,6 +8,7 @@ truncates more, so every failure in selection falls back to a deterministic choi
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -27,6 +28,8 @@ logger = logging.getLogger("textscythe_vllm")
 #: must end in the deterministic fallback, never in a dead engine.
 FAULT_INJECTION_ENV = "TEXTSCYTHE_FAIL_SELECTION"
 FALLBACK_SELECTOR = "uniform"
+#: When set to a file path, every pruned item appends its kept positions there (JSON lines).
+SELECTION_LOG_ENV = "TEXTSCYTHE_SELECTION_LOG"
 
 
 @cache
@@ -66,26 +69,45 @@ def choose_rows(
     try:
         if os.environ.get(FAULT_INJECTION_ENV) == "1":
             raise RuntimeError(f"selection failure injected by {FAULT_INJECTION_ENV}=1")
-        rows = _select(features, attention, text, plan.selector, keep, candidates)
+        positions, rows = _select(features, attention, text, plan.selector, keep, candidates)
         if rows.shape != (keep, features.shape[1]):
             raise RuntimeError(f"selector {plan.selector!r} returned {tuple(rows.shape)}, expected {keep} rows")
     except Exception:
         logger.exception("textscythe: selector %r failed; falling back to %r", plan.selector, FALLBACK_SELECTOR)
         metrics.record_fallback(plan.selector)
         try:
-            rows = _select(features, None, text[:0], FALLBACK_SELECTOR, keep, candidates)
+            positions, rows = _select(features, None, text[:0], FALLBACK_SELECTOR, keep, candidates)
         except Exception:
             logger.exception("textscythe: fallback selector failed; keeping the first %d rows", keep)
-            rows = features[:keep]
+            positions, rows = torch.arange(keep, device=features.device), features[:keep]
     metrics.record_selection(plan, num_rows, keep, time.perf_counter() - started)
+    _log_selection(plan, num_rows, positions)
     return rows
+
+
+def _log_selection(plan: ImagePlan, num_rows: int, positions: Tensor) -> None:
+    """Append the kept positions to ``$TEXTSCYTHE_SELECTION_LOG`` (JSON lines), for debugging and the demo."""
+    path = os.environ.get(SELECTION_LOG_ENV)
+    if not path:
+        return
+    record = {
+        "selector": plan.selector, "budget": plan.budget, "num_tokens": num_rows,
+        "instruction_tokens": len(plan.instruction), "kept_positions": positions.tolist(),
+    }
+    try:
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+    except OSError:
+        logger.warning("textscythe: cannot write the selection log %s", path, exc_info=True)
 
 
 def _select(
     features: Tensor, attention: Tensor | None, text: Tensor, selector: str, keep: int, candidates: Tensor | None
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
+    """``(positions [keep], rows [keep, D])`` in position order."""
     if candidates is None:
-        return selector_instance(selector).select(features, text, attention, keep).embeddings
+        result = selector_instance(selector).select(features, text, attention, keep)
+        return result.indices, result.embeddings
     content_rows = candidates.nonzero().squeeze(1)  # [C]
     num_content = content_rows.shape[0]
     result = selector_instance(selector).select(
@@ -96,7 +118,8 @@ def _select(
         layout_rows = (~candidates).nonzero().squeeze(1)[: keep - num_content]
         positions = torch.cat([positions, layout_rows])
         rows = torch.cat([rows, features[layout_rows]])
-    return rows[torch.argsort(positions)]
+    order = torch.argsort(positions)
+    return positions[order], rows[order]
 
 
 def prune_items(

@@ -26,6 +26,19 @@ from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin
 from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, prune_items
 
 
+def anyres_layout(config: Any, image_size: Tensor, num_views: int) -> Tensor:
+    """LongTensor ``[M]``: for each merged row of one image, its index in the stacked ``[views * N_view]`` tower
+    rows, or -1 for a newline row. Runs vLLM's own ``_merge_image_patch_embeddings`` on row indices, so the
+    layout is exactly the one the features were merged with."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows = torch.arange(num_views * side * side, dtype=torch.float64).reshape(num_views, side * side, 1)
+    index_model = SimpleNamespace(config=config, image_newline=torch.tensor([-1.0], dtype=torch.float64))
+    merged = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(
+        index_model, image_size, rows, strategy="spatial_unpad"  # type: ignore[arg-type]
+    )
+    return merged[:, 0].round().long()
+
+
 class TextScytheLlavaNextMultiModalProcessor(PruningProcessorMixin, LlavaNextMultiModalProcessor):
     pass
 
@@ -37,18 +50,6 @@ class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.cls_attention = ClsAttentionProbe.for_clip_tower(self.vision_tower)
-
-    def merged_layout(self, image_size: Tensor, num_views: int) -> Tensor:
-        """LongTensor ``[M]``: for each merged row, its index in the stacked ``[views * N_view]`` tower rows, or
-        -1 for a newline row. Runs vLLM's own ``_merge_image_patch_embeddings`` on indices, so the layout is
-        the one the features were merged with."""
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        rows = torch.arange(num_views * side * side, dtype=torch.float64).reshape(num_views, side * side, 1)
-        index_model = SimpleNamespace(config=self.config, image_newline=torch.tensor([-1.0], dtype=torch.float64))
-        merged = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(
-            index_model, image_size, rows, strategy="spatial_unpad"  # type: ignore[arg-type]
-        )
-        return merged[:, 0].round().long()
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         packed = kwargs.pop(PLAN_FIELD, None)
@@ -72,7 +73,7 @@ class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         candidates: list[Tensor | None] = []
         offset = 0
         for index, views in enumerate(views_per_item):
-            layout = self.merged_layout(image_sizes[index], views).to(features[index].device)  # type: ignore[index]
+            layout = anyres_layout(self.config, image_sizes[index], views).to(features[index].device)  # type: ignore[index]
             candidates.append(layout >= 0)
             if stacked_attention is None:
                 attention.append(None)

@@ -1,0 +1,401 @@
+"""End-to-end equivalence of pruning in vLLM against an independent transformers reference.
+
+One tiny LLaVA-1.5 checkpoint with real (random, seeded) float32 weights is run three ways:
+
+* vLLM offline with the plugin (``tests/offline_runner.py`` in a subprocess: one batched ``LLM.generate`` with
+  every case, then every case alone), plus a probe that reads the plugin model's own [CLS] attention and
+  pruned rows inside the worker;
+* stock vLLM (``VLLM_PLUGINS=``, same runner) on the cases without a budget;
+* transformers, in this process: image features and the CLIP [CLS] attention from the HF model, the
+  instruction ids from the tokenizer (rule written here, independently of ``textscythe_vllm.processing``),
+  the selection from ``get_selector(...).select``, and greedy decoding from ``inputs_embeds`` of the pruned
+  prompt.
+
+Compared: greedy tokens (identical), each generated token's log-probability (close), the pruned prompt's
+token ids (identical), the plugin's [CLS] attention / features / pruned rows (close), stock vs plugin
+without a budget (identical), batch vs solo (identical).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from textscythe_vllm.selectors import get_selector
+from textscythe_vllm.testing.images import scene
+from textscythe_vllm.testing.server import cpu_test_env
+
+pytestmark = pytest.mark.server
+
+RUNNER = Path(__file__).with_name("offline_runner.py")
+IMAGE_TOKENS = 576  # 336 px / 14 px patches, [CLS] dropped
+MAX_TOKENS = 8
+RUN_TIMEOUT_S = 420
+# float32 on both sides: HF (eager attention) and vLLM (CPU kernels) agree to ~1e-6 in log-probabilities
+# (first-step top-1/top-2 logit margins here are >= 1e-3), ~1e-9 in [CLS] attention (values ~1.3e-3 to
+# 2.5e-3, nearly uniform with random weights, so the tolerance must be far below their spread) and ~6e-8 in
+# the projected features.
+LOGPROB_ATOL = 1e-5
+ATTENTION_ATOL = 1e-7
+FEATURE_ATOL = 1e-6
+
+# prompt name -> (text, image seeds in prompt order)
+PROMPTS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "one": ("USER: <image>\nwhat colour is the umbrella next to the red car ? ASSISTANT:", (11,)),
+    "two": ("USER: <image>\n<image>\nis there a dog on the grass between the two trees ? ASSISTANT:", (12, 13)),
+    # two turns, one image each: each image's instruction ends at the generation prompt of its own turn
+    "turns": (
+        "USER: <image>\nwhat colour is the car ? ASSISTANT: it is red</s>"
+        "USER: <image>\nand the dog on the left ? ASSISTANT:",
+        (14, 15),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    prompt: str  # key of PROMPTS
+    budget: int | None = None  # None: no mm_processor_kwargs at all
+    selector: str = "textscythe"
+
+    @property
+    def mm_processor_kwargs(self) -> dict[str, Any] | None:
+        if self.budget is None:
+            return None
+        return {"visual_token_budget": self.budget, "visual_token_selector": self.selector}
+
+
+def _budget_cases() -> list[Case]:
+    cases = [
+        Case(f"one-{selector}-{budget}", "one", budget, selector)
+        for selector in ("textscythe", "cls_attention")
+        for budget in (1, 64, 192)
+    ]
+    cases += [Case(f"one-{selector}-64", "one", 64, selector) for selector in ("visionzip", "divprune", "icctp")]
+    cases += [
+        Case("one-textscythe-576", "one", IMAGE_TOKENS),  # budget == N and > N: nothing is pruned
+        Case("one-textscythe-1000", "one", 1000),
+        Case("two-textscythe-64", "two", 64),
+        Case("two-cls_attention-192", "two", 192, "cls_attention"),
+        Case("turns-textscythe-64", "turns", 64),
+        Case("turns-textscythe-1", "turns", 1),
+    ]
+    return cases
+
+
+UNPRUNED_CASES = [Case(f"{name}-full", name) for name in PROMPTS]
+CASES = UNPRUNED_CASES + _budget_cases()
+CASE_IDS = [case.id for case in CASES]
+BY_ID = {case.id: case for case in CASES}
+# model-side probe: (image seed, budget, selector); instructions come from the HF reference
+PROBES = [(11, 64, "textscythe"), (11, 192, "cls_attention"), (12, 64, "visionzip"), (15, 1, "textscythe")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    prompt_token_ids: list[int]  # the prompt with each image expanded to its kept rows
+    token_ids: list[int]
+    logprobs: list[float]
+    first_logits: torch.Tensor  # [V] logits after the prompt
+    indices: list[torch.Tensor]  # per image: kept positions
+
+
+class HFReference:
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.model = LlavaForConditionalGeneration.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        self.image_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        # LLaVA-1.5's generation prompt; the checkpoint's chat template must end an open turn with it.
+        self.marker = self.tokenizer.encode("ASSISTANT:", add_special_tokens=False)
+        self.excluded = set(self.tokenizer.all_special_ids) | {self.image_id}
+        self._images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pixel_values(self, seed: int) -> torch.Tensor:
+        return self.processor.image_processor(images=[scene(seed)], return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def image(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected features ``[576, D]`` and [CLS] attention ``[576]`` of ``scene(seed)``."""
+        if seed not in self._images:
+            pixel_values = self.pixel_values(seed)
+            config = self.model.config
+            features = self.model.get_image_features(
+                pixel_values,
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            ).pooler_output[0]
+            tower = self.model.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+            # The feature layer is the one whose output is hidden_states[-2] (hidden_states[0] is the
+            # embedding output), i.e. attentions[-2]: [1, heads, 1 + 576, 1 + 576].
+            assert len(tower.attentions) == len(tower.hidden_states) - 1
+            attention = tower.attentions[-2][0].mean(dim=0)[0, 1:]  # [CLS] query row, [CLS] key dropped
+            self._images[seed] = (features, attention)
+        return self._images[seed]
+
+    def instructions(self, ids: list[int]) -> list[list[int]]:
+        """Per image token: prompt ids before the first "ASSISTANT:" after it, minus special/image ids."""
+        width = len(self.marker)
+        result = []
+        for position in (i for i, token in enumerate(ids) if token == self.image_id):
+            end = next(
+                (i for i in range(position + 1, len(ids) - width + 1) if ids[i:i + width] == self.marker), len(ids)
+            )
+            result.append([token for token in ids[:end] if token not in self.excluded])
+        return result
+
+    @torch.no_grad()
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+
+    @torch.no_grad()
+    def select(self, seed: int, instruction: list[int], budget: int | None, selector: str) -> Any:
+        features, attention = self.image(seed)
+        if budget is None or budget >= features.shape[0]:
+            return torch.arange(features.shape[0]), features
+        result = get_selector(selector).select(features, self.embed(instruction), attention, budget)
+        return result.indices, result.embeddings
+
+    @torch.no_grad()
+    def reference(self, case: Case, selector: str | None = None) -> Reference:
+        text, seeds = PROMPTS[case.prompt]
+        ids = self.tokenizer(text).input_ids
+        instructions = self.instructions(ids)
+        assert len(instructions) == len(seeds)
+        table = self.model.get_input_embeddings()
+        pieces, expanded, indices, image = [], [], [], 0
+        for token in ids:
+            if token != self.image_id:
+                pieces.append(table(torch.tensor([token])))
+                expanded.append(token)
+                continue
+            kept, rows = self.select(seeds[image], instructions[image], case.budget, selector or case.selector)
+            pieces.append(rows)
+            expanded += [self.image_id] * rows.shape[0]
+            indices.append(kept)
+            image += 1
+        embeds = torch.cat(pieces)
+        tokens, logprobs, first_logits = [], [], None
+        for _ in range(MAX_TOKENS):  # greedy, no KV cache: recompute the whole sequence each step
+            logits = self.model(inputs_embeds=embeds[None], use_cache=False).logits[0, -1].float()
+            first_logits = logits if first_logits is None else first_logits
+            token = int(torch.argmax(logits))
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+            embeds = torch.cat([embeds, table(torch.tensor([token]))])
+        return Reference(expanded, tokens, logprobs, first_logits, indices)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vLLM runs (subprocesses)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def request_spec(case: Case) -> dict[str, Any]:
+    text, seeds = PROMPTS[case.prompt]
+    return {
+        "id": case.id, "prompt": text, "images": [{"seed": seed} for seed in seeds],
+        "mm_processor_kwargs": case.mm_processor_kwargs, "max_tokens": MAX_TOKENS,
+    }
+
+
+def start_runner(model_dir: Path, workdir: Path, name: str, cases: list[Case], env: dict[str, str],
+                 probe: list[dict[str, Any]] | None = None) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    spec = {
+        "model": str(model_dir), "requests": [request_spec(case) for case in cases], "solo": True,
+        "probe": probe or [], "output": str(workdir / f"{name}-results.json"),
+    }
+    spec_path = workdir / f"{name}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(RUNNER), str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
+            env=cpu_test_env(env), start_new_session=True,
+        )
+    return process, Path(spec["output"]), log_path
+
+
+def finish_runner(process: subprocess.Popen[bytes], output: Path, log_path: Path, deadline: float) -> dict:
+    try:
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    if process.returncode != 0 or not output.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
+        pytest.fail(f"{log_path.name}: runner exited with {process.returncode}\n{tail}")
+    return json.loads(output.read_text())
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llava_weights_dir: Path) -> HFReference:
+    return HFReference(tiny_llava_weights_dir)
+
+
+@pytest.fixture(scope="module")
+def references(hf: HFReference) -> dict[str, Reference]:
+    return {case.id: hf.reference(case) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def probe_spec(hf: HFReference) -> list[dict[str, Any]]:
+    seed_instruction = {}
+    for text, seeds in PROMPTS.values():
+        seed_instruction.update(zip(seeds, hf.instructions(hf.tokenizer(text).input_ids), strict=True))
+    return [
+        {"image": {"seed": seed}, "budget": budget, "selector": selector, "instruction": seed_instruction[seed]}
+        for seed, budget, selector in PROBES
+    ]
+
+
+@pytest.fixture(scope="module")
+def vllm_runs(tiny_llava_weights_dir: Path, probe_spec, tmp_path_factory) -> dict[str, dict[str, Any]]:
+    """Both engines at once, one core each: {"plugin": results, "stock": results}, entries keyed by case id."""
+    workdir = tmp_path_factory.mktemp("equivalence")
+    plugin = start_runner(
+        tiny_llava_weights_dir, workdir, "plugin", CASES,
+        {"VLLM_PLUGINS": "textscythe", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
+        probe_spec,
+    )
+    stock = start_runner(
+        tiny_llava_weights_dir, workdir, "stock", UNPRUNED_CASES,
+        {"VLLM_PLUGINS": "", "VLLM_CPU_OMP_THREADS_BIND": str(min(1, (os.cpu_count() or 1) - 1))},
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        raw = {"plugin": finish_runner(*plugin, deadline), "stock": finish_runner(*stock, deadline)}
+    finally:
+        for process, _, _ in (plugin, stock):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    runs = {}
+    for name, results in raw.items():
+        runs[name] = {
+            "batch": {entry["id"]: entry for entry in results["batch"]},
+            "solo": {entry["id"]: entry for entry in results["solo"]},
+            "probe": results.get("probe", []),
+            "timings": results["timings"],
+        }
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tests
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_instruction_rule_and_marker_match_the_checkpoint(hf: HFReference):
+    # The marker the reference uses is what the chat template appends for an open assistant turn.
+    rendered = hf.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.endswith("ASSISTANT:")
+    ids = hf.tokenizer(PROMPTS["turns"][0]).input_ids
+    first, second = hf.instructions(ids)
+    words = hf.tokenizer.convert_ids_to_tokens
+    assert words(first) == ["user", ":", "what", "colour", "is", "the", "car", "?"]
+    # the second image's instruction is the conversation up to its own turn's "ASSISTANT:", minus </s>/<image>
+    assert words(second) == [*words(first), "assistant", ":", "it", "is", "red",
+                             "user", ":", "and", "the", "dog", "on", "the", "left", "?"]
+
+
+def test_hf_reference_matches_hf_own_forward(hf: HFReference, references):
+    """The reference's hand-built inputs_embeds reproduce HF's own LLaVA forward on the processor's output."""
+    text, (seed,) = PROMPTS["one"]
+    inputs = hf.processor(text=text, images=[scene(seed)], return_tensors="pt")
+    reference = references["one-full"]
+    assert inputs["input_ids"][0].tolist() == reference.prompt_token_ids
+    with torch.no_grad():
+        logits = hf.model(**inputs).logits[0, -1].float()
+    torch.testing.assert_close(logits, reference.first_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case_id", [case.id for case in UNPRUNED_CASES])
+def test_no_budget_is_stock_vllm(vllm_runs, case_id):
+    for mode in ("solo", "batch"):
+        plugin, stock = vllm_runs["plugin"][mode][case_id], vllm_runs["stock"][mode][case_id]
+        assert plugin["prompt_token_ids"] == stock["prompt_token_ids"], mode
+        assert plugin["token_ids"] == stock["token_ids"], mode
+    # same engine code, same batch (a single request): bit-identical log-probabilities
+    assert vllm_runs["plugin"]["solo"][case_id]["logprobs"] == vllm_runs["stock"]["solo"][case_id]["logprobs"]
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_vllm_matches_hf_reference(vllm_runs, references, case_id):
+    reference = references[case_id]
+    got = vllm_runs["plugin"]["solo"][case_id]
+    case = BY_ID[case_id]
+    kept = min(case.budget or IMAGE_TOKENS, IMAGE_TOKENS)
+    assert [len(indices) for indices in reference.indices] == [kept] * len(PROMPTS[case.prompt][1])
+    assert got["prompt_token_ids"] == reference.prompt_token_ids
+    assert got["token_ids"] == reference.token_ids
+    torch.testing.assert_close(
+        torch.tensor(got["logprobs"], dtype=torch.float64), torch.tensor(reference.logprobs, dtype=torch.float64),
+        atol=LOGPROB_ATOL, rtol=0,
+    )
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_batch_with_mixed_budgets_equals_solo(vllm_runs, case_id):
+    batch, solo = vllm_runs["plugin"]["batch"][case_id], vllm_runs["plugin"]["solo"][case_id]
+    assert batch["prompt_token_ids"] == solo["prompt_token_ids"]
+    assert batch["token_ids"] == solo["token_ids"]
+
+
+def test_budget_at_or_above_n_is_unpruned(vllm_runs):
+    full = vllm_runs["plugin"]["solo"]["one-full"]
+    for case_id in ("one-textscythe-576", "one-textscythe-1000"):
+        got = vllm_runs["plugin"]["solo"][case_id]
+        assert got["prompt_token_ids"] == full["prompt_token_ids"]
+        assert got["token_ids"] == full["token_ids"]
+
+
+def test_comparisons_can_tell_selections_apart(hf: HFReference, references, vllm_runs):
+    """Guards against a vacuous pass: pruning changes the output, and a different selection is detected."""
+    one = [references[f"one-textscythe-{k}"].token_ids for k in (1, 64, 192)] + [references["one-full"].token_ids]
+    assert len({tuple(tokens) for tokens in one}) > 1
+    assert any(len(set(tokens)) > 1 for tokens in one)
+    # The selectors really choose different rows here...
+    assert not torch.equal(references["one-textscythe-64"].indices[0], references["one-cls_attention-64"].indices[0])
+    assert not torch.equal(references["one-textscythe-64"].indices[0], torch.arange(64))
+    # ...and vLLM's log-probabilities match the selection asked for, not another one of the same size.
+    for case_id, other in (("one-textscythe-64", "uniform"), ("one-cls_attention-192", "textscythe"),
+                           ("two-textscythe-64", "cls_attention")):
+        wrong = hf.reference(BY_ID[case_id], selector=other).logprobs
+        got = vllm_runs["plugin"]["solo"][case_id]["logprobs"]
+        assert max(abs(a - b) for a, b in zip(got, wrong, strict=True)) > 10 * LOGPROB_ATOL, (case_id, other)
+
+
+def test_plugin_attention_features_and_rows_match_hf(hf: HFReference, vllm_runs, probe_spec):
+    probes = vllm_runs["plugin"]["probe"]
+    assert len(probes) == len(PROBES)
+    for entry, got in zip(probe_spec, probes, strict=True):
+        seed = entry["image"]["seed"]
+        features, attention = hf.image(seed)
+        torch.testing.assert_close(torch.tensor(got["attention"]), attention, atol=ATTENTION_ATOL, rtol=0)
+        torch.testing.assert_close(torch.tensor(got["features"]), features, atol=FEATURE_ATOL, rtol=0)
+        _, rows = hf.select(seed, entry["instruction"], entry["budget"], entry["selector"])
+        assert len(got["rows"]) == entry["budget"]
+        torch.testing.assert_close(torch.tensor(got["rows"]), rows, atol=FEATURE_ATOL, rtol=0)

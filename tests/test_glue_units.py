@@ -1,0 +1,212 @@
+"""Unit tests of the vLLM glue that need no server: plans, instruction rule, prompt updates, row choice,
+LLaVA-NeXT layout, version pin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from textscythe_vllm import pruning
+from textscythe_vllm.processing import (
+    ImagePlan,
+    _generation_prompt_ids,
+    find_subsequence,
+    instruction_token_ids,
+    prune_prompt_update,
+    strip_private_kwargs,
+)
+from textscythe_vllm.request import PruningRequest, PruningRequestError
+from textscythe_vllm.selectors import available_selectors
+
+
+def test_plan_roundtrip_and_cache_key():
+    plan = ImagePlan(budget=64, selector="textscythe", instruction=(5, 9, 11))
+    assert ImagePlan.decode(plan.encode()) == plan
+    other_question = ImagePlan(budget=64, selector="textscythe", instruction=(5, 9, 12))
+    other_budget = ImagePlan(budget=65, selector="textscythe", instruction=(5, 9, 11))
+    other_selector = ImagePlan(budget=64, selector="divprune", instruction=(5, 9, 11))
+    keys = {p.cache_key() for p in (plan, other_question, other_budget, other_selector)}
+    assert len(keys) == 4
+    for name in available_selectors():
+        assert ImagePlan.decode(ImagePlan(3, name, ()).encode()).selector == name
+
+
+def test_request_parsing():
+    assert PruningRequest.from_kwargs({}) is None
+    assert PruningRequest.from_kwargs({"visual_token_selector": "random"}) is None
+    assert PruningRequest.from_kwargs({"visual_token_budget": 7}) == PruningRequest(7, "textscythe")
+    for bad in (0, -1, 1.0, True, "7", None, [7]):
+        with pytest.raises(PruningRequestError) as caught:
+            PruningRequest.from_kwargs({"visual_token_budget": bad})
+        assert caught.value.param == "visual_token_budget"
+    with pytest.raises(PruningRequestError):
+        PruningRequest.from_kwargs({"visual_token_budget": 3, "visual_token_selector": "nope"})
+    assert strip_private_kwargs({"visual_token_budget": 3, "size": 1, "_textscythe_plans": ()}) == {"size": 1}
+
+
+def test_find_subsequence():
+    assert find_subsequence([1, 2, 3, 2, 3], [2, 3], 0) == 1
+    assert find_subsequence([1, 2, 3, 2, 3], [2, 3], 2) == 3
+    assert find_subsequence([1, 2, 3], [4], 0) == 3
+    assert find_subsequence([1, 2, 3], [], 0) == 3
+
+
+def test_instruction_rule_single_and_multi_turn():
+    IMAGE, BOS, ASSISTANT, COLON, EOS = 4, 1, 50, 51, 2
+    excluded = frozenset({IMAGE, BOS, EOS})
+    marker = (ASSISTANT, COLON)
+    # BOS USER : <image> q1 q2 ASSISTANT : a1 EOS USER : <image> q3 ASSISTANT :
+    prompt = [BOS, 10, 11, IMAGE, 20, 21, ASSISTANT, COLON, 30, EOS, 10, 11, IMAGE, 22, ASSISTANT, COLON]
+    first_image, second_image = 3, 12
+    instructions = instruction_token_ids(
+        prompt, [first_image, second_image], excluded_ids=excluded, turn_end_marker=marker
+    )
+    # Image 1: its own turn only. Image 2: the conversation up to the end of its turn.
+    assert instructions[0] == (10, 11, 20, 21)
+    assert instructions[1] == (10, 11, 20, 21, ASSISTANT, COLON, 30, 10, 11, 22)
+    # Adding turns after an image never changes that image's instruction (prefix-cache stability).
+    longer = [*prompt, 40, EOS, 10, 11, 23, ASSISTANT, COLON]
+    assert instruction_token_ids(longer, [first_image], excluded_ids=excluded, turn_end_marker=marker)[0] == \
+        instructions[0]
+    # No chat template (no marker): the whole prompt's text tokens.
+    assert instruction_token_ids(prompt, [3], excluded_ids=excluded, turn_end_marker=())[0] == tuple(
+        t for t in prompt if t not in excluded
+    )
+
+
+def test_generation_prompt_of_tiny_tokenizer(tiny_llava_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir)
+    marker = _generation_prompt_ids(tokenizer)
+    assert marker and tokenizer.decode(marker).replace(" ", "").lower().startswith("assistant")
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "what is it ?"}], tokenize=True, add_generation_prompt=True
+    )
+    ids = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
+    assert find_subsequence(list(ids), marker, 0) < len(ids)
+
+
+@dataclass
+class _Details:
+    full: list[int]
+    is_embed: object = None
+
+
+@dataclass(frozen=True)
+class _Update:
+    content: _Details
+
+
+def test_prune_prompt_update_keeps_non_embedding_tokens():
+    plain = _Update(_Details([7] * 10))
+    assert prune_prompt_update(plain, 4).content.full == [7] * 4
+    assert prune_prompt_update(plain, 10) is plain
+    wrapped = _Update(_Details([1] + [7] * 10 + [2], is_embed=lambda full: torch.tensor(full) == 7))
+    assert prune_prompt_update(wrapped, 3).content.full == [1, 7, 7, 7, 2]
+
+
+def _features(n: int = 48, d: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("selector", available_selectors())
+def test_choose_rows_count_and_rows(selector):
+    features = _features()
+    plan = ImagePlan(budget=10, selector=selector, instruction=())
+    rows = pruning.choose_rows(features, torch.rand(48), features[:3], plan)
+    assert rows.shape == (10, 16)
+    if selector not in ("visionzip", "visiondrop"):  # pure pruning: rows are input rows, in position order
+        positions = [int((features == row).all(dim=1).nonzero()) for row in rows]
+        assert positions == sorted(positions)
+
+
+def test_merging_selector_rows_reach_the_model():
+    features = _features()
+    rows = pruning.choose_rows(features, torch.rand(48), features[:0], ImagePlan(12, "visionzip", ()))
+    is_input_row = [(features == row).all(dim=1).any() for row in rows]
+    assert not all(is_input_row), "visionzip's merged contextual rows must be returned, not input rows"
+
+
+def test_layout_rows_are_not_selected_until_image_rows_run_out():
+    features = _features(40)
+    candidates = torch.ones(40, dtype=torch.bool)
+    candidates[torch.arange(7, 40, 8)] = False  # 5 "newline" rows at 7, 15, 23, 31, 39
+    newline_rows = set(range(7, 40, 8))
+    for selector in ("textscythe", "uniform", "divprune"):
+        rows = pruning.choose_rows(features, torch.rand(40), features[:2], ImagePlan(20, selector, ()), candidates)
+        kept = {int((features == row).all(dim=1).nonzero()) for row in rows}
+        assert len(kept) == 20 and not kept & newline_rows
+    # 35 image rows, budget 37: all image rows + the two earliest newline rows.
+    rows = pruning.choose_rows(features, None, features[:0], ImagePlan(37, "textscythe", ()), candidates)
+    kept = sorted(int((features == row).all(dim=1).nonzero()) for row in rows)
+    assert kept == sorted(set(range(40)) - {23, 31, 39})
+
+
+def test_selection_failure_falls_back_deterministically(monkeypatch):
+    features = _features()
+    before = pruning.metrics.FALLBACKS.labels("textscythe")._value.get()
+    monkeypatch.setenv(pruning.FAULT_INJECTION_ENV, "1")
+    first = pruning.choose_rows(features, None, features[:2], ImagePlan(9, "textscythe", ()))
+    second = pruning.choose_rows(features, None, features[:2], ImagePlan(9, "textscythe", ()))
+    assert first.shape == (9, 16) and torch.equal(first, second)
+    assert pruning.metrics.FALLBACKS.labels("textscythe")._value.get() == before + 2
+    monkeypatch.delenv(pruning.FAULT_INJECTION_ENV)
+    uniform = pruning.choose_rows(features, None, features[:0], ImagePlan(9, "uniform", ()))
+    assert torch.equal(first, uniform)
+
+
+def test_prune_items_leaves_unpruned_items_alone():
+    items = [_features(30, seed=1), _features(30, seed=2)]
+    plans = [ImagePlan(0, "", ()), ImagePlan(8, "textscythe", (1, 2))]
+    table = torch.randn(10, 16)
+    out = pruning.prune_items(items, [None, torch.rand(30)], plans, lambda ids: table[ids])
+    assert out[0] is items[0] and out[1].shape == (8, 16)
+
+
+def test_decode_plans_of_unpruned_batch_is_none():
+    packed = [ImagePlan(0, "", ()).encode(), ImagePlan(0, "", ()).encode()]
+    assert pruning.decode_plans(packed, 2) is None
+    assert pruning.decode_plans(None, 0) is None
+    with pytest.raises(RuntimeError):
+        pruning.decode_plans(packed, 3)
+
+
+def test_anyres_layout_matches_vllm_merge(tiny_llava_next_dir):
+    from transformers import AutoConfig
+    from vllm.model_executor.models.llava_next import (
+        LlavaNextForConditionalGeneration,
+        get_anyres_image_grid_shape,
+    )
+
+    from textscythe_vllm.models.llava_next import anyres_layout
+
+    config = AutoConfig.from_pretrained(tiny_llava_next_dir)
+    dim = config.text_config.hidden_size
+    newline = torch.randn(dim)
+    fake = SimpleNamespace(config=config, image_newline=newline)
+    for height, width in [(336, 336), (336, 672), (672, 672), (500, 300), (200, 900)]:
+        rows, cols = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, 336)
+        views = 1 + rows * cols  # the base view + the tiles
+        patches = torch.randn(views, 576, dim)
+        merged = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(
+            fake, torch.tensor([height, width]), patches, strategy="spatial_unpad"
+        )
+        layout = anyres_layout(config, torch.tensor([height, width]), views)
+        assert layout.shape[0] == merged.shape[0]
+        flat = patches.reshape(-1, dim)
+        assert torch.equal(merged[layout >= 0], flat[layout[layout >= 0]])
+        assert torch.equal(merged[layout < 0], newline.expand(int((layout < 0).sum()), dim))
+
+
+def test_untested_vllm_version_is_refused_with_one_clear_message():
+    from textscythe_vllm._compat import UnsupportedVLLMVersion, check_vllm_version
+
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.3+cpu")
+    for version in ("0.33.0", "0.31.2", "1.0.0"):
+        with pytest.raises(UnsupportedVLLMVersion, match=r"supports vLLM 0\.32\.x only"):
+            check_vllm_version(version)

@@ -1,0 +1,65 @@
+"""Real ``vllm serve`` with the plugin on a tiny LLaVA-NeXT (anyres): the budget covers base view + tiles."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from textscythe_vllm.testing.images import scene, user_message
+from textscythe_vllm.testing.server import VLLMServer
+
+pytestmark = pytest.mark.server
+QUESTION = "what colour is the umbrella ?"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava_next_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "vllm-llava-next.log"
+    with VLLMServer(tiny_llava_next_dir, ["--load-format", "dummy", "--seed", "0"], log_path=log,
+                    served_model_name="tiny-llava-next") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=180)
+
+
+def prompt_tokens(client, server, messages, budget=None, **extra):
+    body = dict(extra)
+    if budget is not None:
+        body["visual_token_budget"] = budget
+    return client.chat.completions.create(
+        model=server.model_name, messages=messages, max_tokens=2, temperature=0.0, extra_body=body or None
+    ).usage.prompt_tokens
+
+
+def text_only_tokens(client, server) -> int:
+    return prompt_tokens(client, server, [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}])
+
+
+@pytest.mark.parametrize("size", [(336, 336), (672, 336), (672, 672)])
+def test_budget_counts_the_whole_anyres_image(client, server, size):
+    messages = [user_message(QUESTION, scene(11, *size))]
+    full = prompt_tokens(client, server, messages)
+    image_tokens = full - text_only_tokens(client, server)
+    assert image_tokens > 576  # base view + tiles + newline rows
+    for budget in (1, 64, 320):
+        assert prompt_tokens(client, server, messages, budget) == full - image_tokens + budget
+    assert prompt_tokens(client, server, messages, image_tokens) == full
+    assert prompt_tokens(client, server, messages, 320, visual_token_selector="visionzip") == \
+        full - image_tokens + 320
+
+
+def test_high_resolution_image_reaches_llava_next_scale(client, server):
+    messages = [user_message(QUESTION, scene(12, 672, 672))]
+    image_tokens = prompt_tokens(client, server, messages) - text_only_tokens(client, server)
+    assert image_tokens >= 2880  # 672x672 with 2x2 tiles: 5 views x 576 + newline rows
+    assert prompt_tokens(client, server, messages, 320) == prompt_tokens(client, server, messages) - image_tokens + 320
+
+
+def test_bad_budget_is_400_and_server_lives(client, server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        prompt_tokens(client, server, [user_message(QUESTION, scene(13))], -5)
+    assert caught.value.body["param"] == "visual_token_budget"
+    assert server.alive()

@@ -1,0 +1,44 @@
+"""Read the plugin model's own values inside a vLLM worker (tests only).
+
+``LLM.apply_model(functools.partial(probe_llava, items=...))`` pickles the callable by reference to the
+worker process (set ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``), so it has to live in an importable module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def probe_llava(model: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each item (``pixel_values [1, 3, H, W]``, ``budget``, ``selector``, ``instruction`` ids), return
+
+    * ``attention``: the [CLS] attention the plugin's probe reads off the tower (``[N]``, [CLS] column
+      dropped for the "default" feature strategy, as ``embed_multimodal`` does);
+    * ``features``: stock ``embed_multimodal`` rows (``[N, D]``, no plan);
+    * ``rows``: ``embed_multimodal`` with the item's pruning plan (``[min(budget, N), D]``).
+
+    Values are returned as nested lists of floats.
+    """
+    import torch
+
+    from textscythe_vllm.processing import PLAN_FIELD, ImagePlan
+
+    device = next(model.parameters()).device
+    results = []
+    with torch.inference_mode():
+        for item in items:
+            pixel_values = item["pixel_values"].to(device)
+            with model.cls_attention.capture() as captured:
+                features = model.embed_multimodal(pixel_values=pixel_values)
+            attention = captured[-1][0]
+            if model.config.vision_feature_select_strategy == "default":
+                attention = attention[1:]
+            plan = ImagePlan(budget=int(item["budget"]), selector=item["selector"],
+                             instruction=tuple(int(t) for t in item["instruction"]))
+            rows = model.embed_multimodal(pixel_values=pixel_values, **{PLAN_FIELD: [plan.encode()]})
+            results.append({
+                "attention": attention.float().cpu().tolist(),
+                "features": features[0].float().cpu().tolist(),
+                "rows": rows[0].float().cpu().tolist(),
+            })
+    return results
