@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import torch
 
+from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.selectors import get_selector
 from textscythe_vllm.testing.images import scene
 from textscythe_vllm.testing.server import cpu_test_env
@@ -114,6 +115,7 @@ class Reference:
     logprobs: list[float]
     first_logits: torch.Tensor  # [V] logits after the prompt
     indices: list[torch.Tensor]  # per image: kept positions
+    instructions: list[list[int]]  # per image: instruction token ids
 
 
 class HFReference:
@@ -203,7 +205,7 @@ class HFReference:
             tokens.append(token)
             logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
             embeds = torch.cat([embeds, table(torch.tensor([token]))])
-        return Reference(expanded, tokens, logprobs, first_logits, indices)
+        return Reference(expanded, tokens, logprobs, first_logits, indices, instructions)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,11 +256,6 @@ def hf(tiny_llava_weights_dir: Path) -> HFReference:
 
 
 @pytest.fixture(scope="module")
-def references(hf: HFReference) -> dict[str, Reference]:
-    return {case.id: hf.reference(case) for case in CASES}
-
-
-@pytest.fixture(scope="module")
 def probe_spec(hf: HFReference) -> list[dict[str, Any]]:
     seed_instruction = {}
     for text, seeds in PROMPTS.values():
@@ -270,34 +267,51 @@ def probe_spec(hf: HFReference) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def vllm_runs(tiny_llava_weights_dir: Path, probe_spec, tmp_path_factory) -> dict[str, dict[str, Any]]:
-    """Both engines at once, one core each: {"plugin": results, "stock": results}, entries keyed by case id."""
+def vllm_processes(tiny_llava_weights_dir: Path, probe_spec, tmp_path_factory):
+    """Start both engines at once, one core each (the plugin run, and stock vLLM on the unpruned cases)."""
     workdir = tmp_path_factory.mktemp("equivalence")
-    plugin = start_runner(
-        tiny_llava_weights_dir, workdir, "plugin", CASES,
-        {"VLLM_PLUGINS": "textscythe", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
-        probe_spec,
-    )
-    stock = start_runner(
-        tiny_llava_weights_dir, workdir, "stock", UNPRUNED_CASES,
-        {"VLLM_PLUGINS": "", "VLLM_CPU_OMP_THREADS_BIND": str(min(1, (os.cpu_count() or 1) - 1))},
-    )
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    try:
-        raw = {"plugin": finish_runner(*plugin, deadline), "stock": finish_runner(*stock, deadline)}
-    finally:
-        for process, _, _ in (plugin, stock):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-    runs = {}
-    for name, results in raw.items():
+    runs = {
+        "plugin": start_runner(
+            tiny_llava_weights_dir, workdir, "plugin", CASES,
+            {"VLLM_PLUGINS": "textscythe", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+             "VLLM_CPU_OMP_THREADS_BIND": "0", SELECTION_LOG_ENV: str(workdir / "plugin-selections.jsonl")},
+            probe_spec,
+        ),
+        "stock": start_runner(
+            tiny_llava_weights_dir, workdir, "stock", UNPRUNED_CASES,
+            {"VLLM_PLUGINS": "", "VLLM_CPU_OMP_THREADS_BIND": str(min(1, (os.cpu_count() or 1) - 1))},
+        ),
+    }
+    yield runs, time.monotonic() + RUN_TIMEOUT_S, workdir
+    for process, _, _ in runs.values():
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def references(hf: HFReference, vllm_processes) -> dict[str, Reference]:
+    # Requests vllm_processes first so that the engines start while the reference is computed.
+    return {case.id: hf.reference(case) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def vllm_runs(vllm_processes) -> dict[str, dict[str, Any]]:
+    """{"plugin": ..., "stock": ...}: per run, "batch" and "solo" entries keyed by case id, "probe", "timings"."""
+    processes, deadline, workdir = vllm_processes
+    runs: dict[str, dict[str, Any]] = {}
+    for name, (process, output, log_path) in processes.items():
+        results = finish_runner(process, output, log_path, deadline)
         runs[name] = {
             "batch": {entry["id"]: entry for entry in results["batch"]},
             "solo": {entry["id"]: entry for entry in results["solo"]},
             "probe": results.get("probe", []),
             "timings": results["timings"],
         }
+    # every selection the plugin's worker made (engine and probe), one JSON record per pruned image
+    selection_log = workdir / "plugin-selections.jsonl"
+    lines = selection_log.read_text().splitlines() if selection_log.exists() else []
+    runs["plugin"]["selections"] = [json.loads(line) for line in lines]
     return runs
 
 
@@ -386,6 +400,34 @@ def test_comparisons_can_tell_selections_apart(hf: HFReference, references, vllm
         wrong = hf.reference(BY_ID[case_id], selector=other).logprobs
         got = vllm_runs["plugin"]["solo"][case_id]["logprobs"]
         assert max(abs(a - b) for a, b in zip(got, wrong, strict=True)) > 10 * LOGPROB_ATOL, (case_id, other)
+
+
+def test_engine_kept_positions_match_hf(hf: HFReference, vllm_runs, references, probe_spec):
+    """End to end: the positions the worker kept for each image (instruction from the processor, attention
+    from the probe, selection) are exactly the reference's, and the instruction has the reference's length."""
+    def key(selector: str, budget: int, instruction: list[int], kept: Any) -> tuple:
+        return selector, budget, len(instruction), tuple(int(i) for i in kept)
+
+    expected = set()
+    for case in CASES:
+        if case.budget is not None and case.budget < IMAGE_TOKENS:
+            reference = references[case.id]
+            expected |= {
+                key(case.selector, case.budget, instruction, kept)
+                for instruction, kept in zip(reference.instructions, reference.indices, strict=True)
+            }
+    logged = {
+        (r["selector"], r["budget"], r["instruction_tokens"], tuple(r["kept_positions"]))
+        for r in vllm_runs["plugin"]["selections"]
+    }
+    assert all(r["num_tokens"] == IMAGE_TOKENS for r in vllm_runs["plugin"]["selections"])
+    missing = expected - logged
+    assert not missing, f"{len(missing)} of {len(expected)} reference selections never made by the engine"
+    # ...and nothing else was selected, apart from the probe's own calls (with the reference's instructions)
+    for entry in probe_spec:
+        kept, _ = hf.select(entry["image"]["seed"], entry["instruction"], entry["budget"], entry["selector"])
+        expected.add(key(entry["selector"], entry["budget"], entry["instruction"], kept))
+    assert logged == expected
 
 
 def test_plugin_attention_features_and_rows_match_hf(hf: HFReference, vllm_runs, probe_spec):

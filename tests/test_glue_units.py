@@ -210,3 +210,35 @@ def test_untested_vllm_version_is_refused_with_one_clear_message():
     for version in ("0.33.0", "0.31.2", "1.0.0"):
         with pytest.raises(UnsupportedVLLMVersion, match=r"supports vLLM 0\.32\.x only"):
             check_vllm_version(version)
+
+
+def test_profiling_inputs_stay_unpruned_under_a_server_default_budget(tiny_llava_dir, caplog):
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+
+    from textscythe_vllm.plugin import register
+    from textscythe_vllm.testing.images import scene
+
+    register()
+    config = ModelConfig(model=str(tiny_llava_dir), mm_processor_kwargs={"visual_token_budget": 192})
+    processor = MULTIMODAL_REGISTRY.create_processor(config)
+    assert type(processor).__name__ == "TextScytheLlavaMultiModalProcessor"
+    dummy = processor.get_dummy_mm_inputs({"image": 1})
+    assert [p.length for p in dummy["mm_placeholders"]["image"]] == [576]
+
+    tokenizer = processor.info.get_tokenizer()
+    prompt = tokenizer.encode("USER: <image>\nwhat colour is the umbrella ? ASSISTANT:")
+
+    def placeholders(**request_kwargs):
+        items = processor.info.parse_mm_data({"image": [scene(1)]})
+        inputs = ProcessorInputs(prompt, items, hf_processor_mm_kwargs=request_kwargs)
+        result = processor.apply(inputs, TimingContext(enabled=False))
+        return [p.length for p in result["mm_placeholders"]["image"]], result["mm_hashes"]["image"][0]
+
+    default, default_hash = placeholders()
+    assert default == [192]
+    override, override_hash = placeholders(visual_token_budget=32)
+    assert override == [32] and override_hash != default_hash
+    assert "not a valid argument" not in caplog.text

@@ -20,8 +20,9 @@ request's other kwargs, so hashes and placeholders are exactly stock vLLM's.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 import torch
@@ -63,6 +64,7 @@ class ImagePlan:
 
 
 UNPRUNED = ImagePlan(budget=0, selector="", instruction=())
+_profiling = threading.local()
 
 
 def strip_private_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
@@ -171,6 +173,31 @@ def prune_prompt_update(update: Any, budget: int) -> Any:
     return replace(update, content=replace(content, full=kept))
 
 
+@cache
+def _plugin_context_class() -> type:
+    from vllm.multimodal.processing import InputProcessingContext
+
+    @dataclass(frozen=True)
+    class PluginProcessingContext(InputProcessingContext):
+        """vLLM merges the server's ``--mm-processor-kwargs`` into every HF-processor call and constructor
+        through this method; the plugin's keys must reach neither (HF warns about unknown keys, and the
+        constructor cache is keyed on them)."""
+
+        def get_merged_mm_kwargs(self, kwargs: Mapping[str, object], **options: Any) -> dict[str, Any]:
+            return strip_private_kwargs(super().get_merged_mm_kwargs(kwargs, **options))
+
+    return PluginProcessingContext
+
+
+def with_plugin_context(info_factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap a model's processing-info factory so its info (and processor) use the plugin's context."""
+
+    def build_info(context: Any) -> Any:
+        return info_factory(_plugin_context_class()(context.model_config, context.tokenizer))
+
+    return build_info
+
+
 class PruningProcessorMixin:
     """Put in front of a vLLM ``BaseMultiModalProcessor`` subclass (see module docstring).
 
@@ -183,8 +210,21 @@ class PruningProcessorMixin:
     def placeholder_token_ids(self) -> list[int]:
         return [self.info.get_hf_config().image_token_index]  # type: ignore[attr-defined]
 
+    def get_dummy_mm_inputs(self, *args: Any, **kwargs: Any) -> Any:
+        # Profiling inputs must stay at maximum size even under a server-default budget, or vLLM would
+        # size the encoder cache for pruned items and then refuse unpruned ones.
+        _profiling.active = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            _profiling.active = False
+
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
         client_kwargs = inputs.hf_processor_mm_kwargs
+        if getattr(_profiling, "active", False):
+            return super().apply(  # type: ignore[misc]
+                replace(inputs, hf_processor_mm_kwargs=strip_private_kwargs(client_kwargs)), timing_ctx
+            )
         merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(client_kwargs)  # type: ignore[attr-defined]
         request = PruningRequest.from_kwargs(merged)
         kwargs = strip_private_kwargs(client_kwargs)

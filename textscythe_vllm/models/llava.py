@@ -19,7 +19,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin
+from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
 from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, prune_items
 
 
@@ -34,7 +34,9 @@ def _build_processor(info: Any, dummy_inputs: Any) -> Any:
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    _build_processor, info=_build_llava_or_pixtral_hf_info, dummy_inputs=LlavaDummyInputsBuilder
+    _build_processor,
+    info=with_plugin_context(_build_llava_or_pixtral_hf_info),
+    dummy_inputs=LlavaDummyInputsBuilder,
 )
 class TextScytheLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:

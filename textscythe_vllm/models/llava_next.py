@@ -22,7 +22,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin
+from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
 from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, prune_items
 
 
@@ -44,7 +44,9 @@ class TextScytheLlavaNextMultiModalProcessor(PruningProcessorMixin, LlavaNextMul
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    TextScytheLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+    TextScytheLlavaNextMultiModalProcessor,
+    info=with_plugin_context(LlavaNextProcessingInfo),
+    dummy_inputs=LlavaDummyInputsBuilder,
 )
 class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
