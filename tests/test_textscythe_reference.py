@@ -289,3 +289,16 @@ def test_reference_sanity_math() -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
     uniform = np.full((1, 7), 1 / 7)
     assert ref_entropy_ratio(uniform)[0] == pytest.approx(math.log(7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_text_tokens_are_never_key_tokens(dtype):
+    # Identical instruction tokens have one ER value: a zero spread, whatever the matmul rounding says.
+    from textscythe_vllm.selectors import get_selector
+
+    visual = torch.randn(256, 512, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for seed in range(20):
+        text = torch.randn(1, 512, generator=torch.Generator().manual_seed(seed), dtype=dtype).repeat(13, 1)
+        out = get_selector("textscythe").select(visual, text, None, 8)
+        assert not out.info["key_text_mask"].any()
+        assert not out.info["relevant_mask"].any()

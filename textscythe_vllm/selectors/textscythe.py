@@ -33,11 +33,17 @@ from torch import Tensor
 from textscythe_vllm.selectors.base import (
     Selection,
     TokenSelector,
+    check_fraction,
     greedy_diverse_fill,
     l2_normalize,
     minmax_normalize,
     stable_top_k,
 )
+
+
+def _real_spread(std: Tensor, mean: Tensor) -> Tensor:
+    """``std`` above rounding noise relative to ``mean`` (elementwise bool)."""
+    return std > 64 * torch.finfo(std.dtype).eps * mean.abs()
 
 
 def threshold_scale(num_text_tokens: int, alpha: float) -> float:
@@ -75,14 +81,14 @@ class TextScytheSelector(TokenSelector):
     alpha: float = 0.7
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
-                or not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        self.alpha = check_fraction("alpha", self.alpha, low=0.0, high=math.inf)
 
     def relevant_tokens(self, visual: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Steps 1-5: returns ``(key_text_mask [T], relevant_mask [N], key_strength [N])``.
 
-        ``key_strength_j = max_{i in key} P_ij`` (``-inf`` where no key token exists) ranks ``V_rel`` (step 6).
+        ``visual`` must be L2-normalised already. ``key_strength_j = max_{i in key} P_ij`` (``-inf`` where no key
+        token exists) ranks ``V_rel`` (step 6). A spread at rounding level (identical text tokens, identical
+        visual tokens) counts as no spread: it selects nothing rather than whichever row rounded lowest.
         """
         num_text, num_visual = text.shape[0], visual.shape[0]
         if num_text == 0:
@@ -90,23 +96,25 @@ class TextScytheSelector(TokenSelector):
             no_rel = torch.zeros(num_visual, dtype=torch.bool, device=visual.device)
             return no_key, no_rel, torch.full((num_visual,), -math.inf, dtype=visual.dtype, device=visual.device)
         scale = threshold_scale(num_text, self.alpha)
-        probs = similarity_distribution(text, visual)  # [T, N]
+        probs = torch.softmax(l2_normalize(text) @ visual.T, dim=-1)  # [T, N] (Eq. 1)
         ratios = _entropy_ratio_from_probs(probs)  # [T]
-        tau = ratios.mean() - scale * ratios.std(correction=0)
-        key_text = ratios < tau  # [T]
-        per_token_threshold = probs.mean(dim=-1) + scale * probs.std(dim=-1, correction=0)  # [T]
-        anchored = (probs > per_token_threshold[:, None]) & key_text[:, None]  # [T, N]
+        ratio_mean, ratio_std = ratios.mean(), ratios.std(correction=0)
+        key_text = (ratios < ratio_mean - scale * ratio_std) & _real_spread(ratio_std, ratio_mean)  # [T]
+        prob_mean, prob_std = probs.mean(dim=-1), probs.std(dim=-1, correction=0)  # [T]
+        per_token_threshold = prob_mean + scale * prob_std
+        anchored = (probs > per_token_threshold[:, None]) & (key_text & _real_spread(prob_std, prob_mean))[:, None]
         relevant = anchored.any(dim=0)  # [N]
         key_strength = torch.where(key_text[:, None], probs, -math.inf).amax(dim=0)  # [N]
         return key_text, relevant, key_strength
 
     def _select(self, visual: Tensor, text: Tensor, attention: Tensor | None, k: int) -> Selection:
-        key_text, relevant, key_strength = self.relevant_tokens(visual, text)
+        unit_visual = l2_normalize(visual)  # [N, D], shared by the similarity and the diversity terms
+        key_text, relevant, key_strength = self.relevant_tokens(unit_visual, text)
         num_relevant = int(relevant.sum())  # the one host sync: it sizes the fill loop below
         if num_relevant >= k:
             chosen = stable_top_k(torch.where(relevant, key_strength, -math.inf), k)
         else:
             importance = minmax_normalize(attention, visual.shape[0], like=visual)
-            background = greedy_diverse_fill(l2_normalize(visual), importance, ~relevant, k - num_relevant)
+            background = greedy_diverse_fill(unit_visual, importance, ~relevant, k - num_relevant)
             chosen = torch.cat([relevant.nonzero().squeeze(1), background])
         return Selection(indices=chosen, info={"key_text_mask": key_text, "relevant_mask": relevant})
