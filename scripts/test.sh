@@ -4,6 +4,6 @@
 # Extra arguments go to pytest (e.g. `-k middleware`, `-m "not server"`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh --with-prometheus
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from textscythe_vllm.processing import REQUEST_TAG_KEY
 from textscythe_vllm.request import (
     BUDGET_FIELD,
     CLIENT_KEYS,
@@ -50,8 +52,12 @@ class RequestRejected(Exception):
         self.status, self.message, self.param, self.error_type = status, message, param, error_type
 
 
-def rewrite_payload(payload: dict[str, Any]) -> dict[str, Any]:
-    """Return the request body with only validated, allow-listed multimodal processor kwargs."""
+def rewrite_payload(payload: dict[str, Any], request_tag: str | None = None) -> dict[str, Any]:
+    """Return the request body with only validated, allow-listed multimodal processor kwargs.
+
+    ``request_tag`` (the id vLLM will report the request under) is passed to the processor so the request's
+    latency can be attributed to its budget bucket.
+    """
     client_kwargs = payload.pop(MM_KWARGS_FIELD, None)
     if client_kwargs is not None and not isinstance(client_kwargs, dict):
         raise RequestRejected(400, f"'{MM_KWARGS_FIELD}' must be an object", MM_KWARGS_FIELD)
@@ -70,6 +76,8 @@ def rewrite_payload(payload: dict[str, Any]) -> dict[str, Any]:
     except PruningRequestError as error:
         raise RequestRejected(400, str(error), error.param) from None
     payload.pop(MEDIA_IO_FIELD, None)
+    if request_tag:
+        allowed[REQUEST_TAG_KEY] = request_tag
     if allowed:
         payload[MM_KWARGS_FIELD] = allowed
     return payload
@@ -90,7 +98,8 @@ class VisualTokenBudgetMiddleware:
             body = await self._read_body(receive)
             payload = self._parse(body)
             if isinstance(payload, dict):
-                body = json.dumps(rewrite_payload(payload), separators=(",", ":")).encode()
+                tag = _request_tag(scope, payload)
+                body = json.dumps(rewrite_payload(payload, tag), separators=(",", ":")).encode()
         except RequestRejected as rejection:
             await _send_error(send, rejection)
             return
@@ -125,6 +134,18 @@ class VisualTokenBudgetMiddleware:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise RequestRejected(400, f"request body is not valid JSON: {error}", None) from None
+
+
+def _request_tag(scope: Scope, payload: dict[str, Any]) -> str:
+    """The base id vLLM will give the request: the X-Request-Id header, else the body's ``request_id`` (set to
+    a fresh one here when absent)."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"x-request-id":
+            return value.decode("latin-1")
+    request_id = payload.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        request_id = payload["request_id"] = uuid.uuid4().hex
+    return request_id
 
 
 class _ClientGone(Exception):

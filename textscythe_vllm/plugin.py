@@ -35,6 +35,9 @@ def register() -> None:
         # One clear line at start-up instead of a traceback (vLLM calls register() outside any handler).
         logger.error("%s", error)
         raise SystemExit(f"textscythe-vllm: {error}") from None
+    from textscythe_vllm import metrics
+
+    metrics.setup_process()
     for architecture, class_path in MODEL_CLASSES.items():
         ModelRegistry.register_model(architecture, class_path)
     _registered = True

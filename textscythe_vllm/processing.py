@@ -19,6 +19,7 @@ request's other kwargs, so hashes and placeholders are exactly stock vLLM's.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -27,15 +28,21 @@ from typing import Any
 
 import torch
 
+from textscythe_vllm import metrics
 from textscythe_vllm.request import CLIENT_KEYS, PruningRequest
 from textscythe_vllm.selectors import available_selectors
+
+logger = logging.getLogger("textscythe_vllm")
 
 #: Internal ``hf_processor_mm_kwargs`` key carrying the per-image plans through vLLM's processing pipeline.
 #: Never accepted from clients (the middleware drops every key but :data:`CLIENT_KEYS`).
 PLAN_KEY = "_textscythe_plans"
 #: Per-image tensor field that carries the plan from the processor to ``embed_multimodal``.
 PLAN_FIELD = "textscythe_plan"
-_PRIVATE_KEYS = frozenset((PLAN_KEY, *CLIENT_KEYS))
+#: Internal key the middleware sets: the id under which this request's budget bucket is filed for the
+#: latency metrics (see :class:`textscythe_vllm.metrics._RequestBuckets`).
+REQUEST_TAG_KEY = "_textscythe_request"
+_PRIVATE_KEYS = frozenset((PLAN_KEY, REQUEST_TAG_KEY, *CLIENT_KEYS))
 _PLAN_HEADER = 2  # [budget, selector code] precede the instruction ids
 
 
@@ -241,7 +248,35 @@ class PruningProcessorMixin:
         )
         if plans is not None:
             kwargs[PLAN_KEY] = plans
-        return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)  # type: ignore[misc]
+        result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)  # type: ignore[misc]
+        self._record_metrics(inputs, request, result, client_kwargs.get(REQUEST_TAG_KEY))
+        return result
+
+    def _record_metrics(self, inputs: Any, request: PruningRequest | None, result: Any, tag: object) -> None:
+        """Count the request (API server only: profiling never gets here). Never fails the request."""
+        try:
+            items = inputs.mm_data_items.get(self.pruned_modality)
+            placeholders = result["mm_placeholders"].get(self.pruned_modality, [])
+            before = [self._unpruned_token_count(items, index) for index in range(len(placeholders))]
+            after = [placeholder.get_num_embeds() for placeholder in placeholders]
+            model_name = self.info.ctx.model_config.served_model_name  # type: ignore[attr-defined]
+            budget = None if request is None else request.budget
+            metrics.record_request(model_name, budget, None if request is None else request.selector, before, after)
+            if isinstance(tag, str) and tag:
+                metrics.REQUEST_BUCKETS.put(tag, metrics.budget_bucket(budget))
+        except Exception:
+            logger.warning("textscythe: could not record request metrics", exc_info=True)
+
+    def _unpruned_token_count(self, items: Any, index: int) -> int:
+        """Visual tokens the stock processor gives item ``index``."""
+        from vllm.multimodal.parse import ImageEmbeddingItems
+
+        if isinstance(items, ImageEmbeddingItems):
+            return items.get_feature_size(index)
+        size = items.get_image_size(index)
+        return self.info.get_num_image_tokens(  # type: ignore[attr-defined]
+            image_width=size.width, image_height=size.height
+        )
 
     def _get_mm_hashes(self, inputs: Any) -> Any:
         plans = inputs.hf_processor_mm_kwargs.get(PLAN_KEY)

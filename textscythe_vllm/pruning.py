@@ -54,6 +54,7 @@ def choose_rows(
     text: Tensor,  # [T, D] instruction-token embeddings
     plan: ImagePlan,
     candidates: Tensor | None = None,  # [M] bool: rows that carry image content (False: layout tokens)
+    extra_seconds: float = 0.0,  # selection work done earlier for this item (its share of attention probing)
 ) -> Tensor:
     """The ``[min(budget, M), D]`` rows to feed the LLM, in position order; never raises, never another count.
 
@@ -80,7 +81,7 @@ def choose_rows(
         except Exception:
             logger.exception("textscythe: fallback selector failed; keeping the first %d rows", keep)
             positions, rows = torch.arange(keep, device=features.device), features[:keep]
-    metrics.record_selection(plan, num_rows, keep, time.perf_counter() - started)
+    metrics.record_selection(plan.selector, time.perf_counter() - started + extra_seconds)
     _log_selection(plan, num_rows, positions)
     return rows
 
@@ -128,19 +129,20 @@ def prune_items(
     plans: Sequence[ImagePlan],
     embed_tokens: Callable[[Tensor], Tensor],  # instruction ids [T] -> embeddings [T, D]
     candidates: Sequence[Tensor | None] | None = None,
+    attention_seconds: float = 0.0,  # time spent computing ``attention`` for the whole batch
 ) -> list[Tensor]:
-    """Apply each item's plan; unpruned items (budget 0) come back unchanged."""
+    """Apply each item's plan; unpruned items (budget 0 or >= their token count) come back unchanged."""
+    pruned_items = sum(1 for item, plan in zip(features, plans, strict=True) if 0 < plan.budget < item.shape[0])
+    share = attention_seconds / pruned_items if pruned_items else 0.0
     pruned = []
     for index, (item, plan) in enumerate(zip(features, plans, strict=True)):
-        if plan.budget == 0 or plan.budget >= item.shape[0]:
-            if plan.budget:
-                metrics.record_selection(plan, item.shape[0], item.shape[0], 0.0)
+        if not 0 < plan.budget < item.shape[0]:
             pruned.append(item)
             continue
         ids = torch.tensor(plan.instruction, dtype=torch.long, device=item.device)
         text = embed_tokens(ids) if ids.numel() else item.new_zeros((0, item.shape[1]))
         pruned.append(choose_rows(
-            item, attention[index], text, plan, None if candidates is None else candidates[index]
+            item, attention[index], text, plan, None if candidates is None else candidates[index], share
         ))
     return pruned
 
@@ -158,6 +160,7 @@ class ClsAttentionProbe:
     def __init__(self, attention_module: torch.nn.Module) -> None:
         self._attention = attention_module
         self._captured: list[Tensor] | None = None
+        self.seconds = 0.0  # time spent in the probe during the last capture
         attention_module.qkv_proj.register_forward_hook(self._on_qkv)
 
     @classmethod
@@ -171,8 +174,10 @@ class ClsAttentionProbe:
     def _on_qkv(self, module: torch.nn.Module, args: object, output: object) -> None:
         if self._captured is None:
             return
+        started = time.perf_counter()
         qkv = output[0] if isinstance(output, tuple) else output  # [B, S, 3 * local_dim]
         self._captured.append(self._cls_attention(qkv))
+        self.seconds += time.perf_counter() - started
 
     def _cls_attention(self, qkv: Tensor) -> Tensor:
         attention = self._attention
@@ -193,6 +198,7 @@ class ClsAttentionProbe:
     def capture(self) -> Iterator[list[Tensor]]:
         """Collect ``[B, S]`` attention for every tower call inside the block."""
         self._captured = captured = []
+        self.seconds = 0.0
         try:
             yield captured
         finally:

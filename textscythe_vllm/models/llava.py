@@ -19,6 +19,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from textscythe_vllm import metrics
 from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
 from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, prune_items
 
@@ -42,6 +43,7 @@ class TextScytheLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.cls_attention = ClsAttentionProbe.for_clip_tower(self.vision_tower)
+        metrics.setup_worker_metrics(vllm_config.model_config.served_model_name)
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         packed = kwargs.pop(PLAN_FIELD, None)
@@ -50,7 +52,7 @@ class TextScytheLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if plans is None or ("pixel_values" not in kwargs and "image_embeds" not in kwargs):
             return super().embed_multimodal(**kwargs)
         if self.cls_attention is None or "pixel_values" not in kwargs:
-            features, attention = super().embed_multimodal(**kwargs), [None] * num_items
+            features, attention, seconds = super().embed_multimodal(**kwargs), [None] * num_items, 0.0
         else:
             with self.cls_attention.capture() as captured:
                 features = super().embed_multimodal(**kwargs)
@@ -58,6 +60,6 @@ class TextScytheLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             attention_rows = captured[-1]
             if self.config.vision_feature_select_strategy == "default":
                 attention_rows = attention_rows[:, 1:]
-            attention = list(attention_rows.unbind(0))
+            attention, seconds = list(attention_rows.unbind(0)), self.cls_attention.seconds
         embed_tokens = self.get_language_model().embed_input_ids
-        return prune_items(list(features), attention, plans, embed_tokens)
+        return prune_items(list(features), attention, plans, embed_tokens, attention_seconds=seconds)

@@ -22,6 +22,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from textscythe_vllm import metrics
 from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
 from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, prune_items
 
@@ -52,6 +53,7 @@ class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.cls_attention = ClsAttentionProbe.for_clip_tower(self.vision_tower)
+        metrics.setup_worker_metrics(vllm_config.model_config.served_model_name)
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         packed = kwargs.pop(PLAN_FIELD, None)
@@ -61,13 +63,14 @@ class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         if plans is None or pixel_values is None:
             return super().embed_multimodal(**kwargs)
         views_per_item = [view.shape[0] for view in pixel_values]  # type: ignore[attr-defined]
+        seconds = 0.0
         if self.cls_attention is None:
             features = super().embed_multimodal(**kwargs)
             stacked_attention = None
         else:
             with self.cls_attention.capture() as captured:
                 features = super().embed_multimodal(**kwargs)
-            stacked_attention = captured[-1]  # [sum(views), S]
+            stacked_attention, seconds = captured[-1], self.cls_attention.seconds  # [sum(views), S]
             if self.config.vision_feature_select_strategy == "default":
                 stacked_attention = stacked_attention[:, 1:]
         image_sizes = kwargs.get("image_sizes")
@@ -84,4 +87,4 @@ class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
                 attention.append(torch.where(layout >= 0, flat[layout.clamp(min=0)], 0.0))
             offset += views
         embed_tokens = self.get_language_model().embed_input_ids
-        return prune_items(list(features), attention, plans, embed_tokens, candidates)
+        return prune_items(list(features), attention, plans, embed_tokens, candidates, attention_seconds=seconds)

@@ -1,0 +1,123 @@
+"""A real Prometheus scraping a real ``vllm serve`` with the plugin: the metrics agree with what the requests
+did, and every PromQL expression of the Grafana dashboard returns data."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from textscythe_vllm.testing.images import scene, user_message
+from textscythe_vllm.testing.prometheus import PrometheusServer
+from textscythe_vllm.testing.server import VLLMServer
+
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus binary (setup_env.sh)"),
+]
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "textscythe.json"
+IMAGE_TOKENS = 576
+# (budget, selector) of each request; every request uses its own image, so every budget means one selection.
+REQUESTS = [(None, None), (None, None), (64, None), (64, "divprune"), (100, None), (1000, None), (200, "visionzip")]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_llava_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "vllm-metrics.log"
+    with VLLMServer(tiny_llava_dir, ["--load-format", "dummy"], log_path=log, served_model_name="tiny-llava") as server, \
+            PrometheusServer(server.base_url.removeprefix("http://")) as prometheus:
+        # Prometheus scrapes while the traffic runs, so rates over the last minute have data.
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        for index, (budget, selector) in enumerate(REQUESTS):
+            extra = {}
+            if budget is not None:
+                extra["visual_token_budget"] = budget
+            if selector is not None:
+                extra["visual_token_selector"] = selector
+            client.chat.completions.create(
+                model=server.model_name, messages=[user_message("what colour is the car ?", scene(100 + index))],
+                max_tokens=3, extra_body=extra or None,
+            )
+            time.sleep(1.0)
+        # A text-only request: counted by vLLM, not by the plugin's per-budget metrics.
+        client.chat.completions.create(
+            model=server.model_name, messages=[{"role": "user", "content": "hello"}], max_tokens=2
+        )
+        assert prometheus.wait_for("sum(textscythe_requests_total)", len(REQUESTS)) == len(REQUESTS)
+        time.sleep(3.0)  # a few more scrapes after the last request
+        yield server, prometheus
+
+
+def test_token_counters_match_the_requests(stack):
+    _, prometheus = stack
+    kept = sum(IMAGE_TOKENS if budget is None else min(budget, IMAGE_TOKENS) for budget, _ in REQUESTS)
+    assert prometheus.wait_for("sum(textscythe_visual_tokens_after_total)", kept) == kept
+    assert prometheus.value("sum(textscythe_visual_tokens_before_total)") == IMAGE_TOKENS * len(REQUESTS)
+    budgets_sent = sum(budget for budget, _ in REQUESTS if budget is not None and budget < IMAGE_TOKENS)
+    pruned_kept = prometheus.value('sum(textscythe_visual_tokens_after_total{selector!="none"})')
+    assert pruned_kept == budgets_sent + IMAGE_TOKENS  # the 1000-budget image keeps all 576
+
+
+def test_pruning_ratio_histogram(stack):
+    _, prometheus = stack
+    with_budget = [budget for budget, _ in REQUESTS if budget is not None]
+    assert prometheus.value("sum(textscythe_pruning_ratio_count)") == len(with_budget)
+    expected = sum(1 - min(budget, IMAGE_TOKENS) / IMAGE_TOKENS for budget in with_budget)
+    assert prometheus.value("sum(textscythe_pruning_ratio_sum)") == pytest.approx(expected)
+
+
+def test_requests_by_budget_bucket_and_selector(stack):
+    _, prometheus = stack
+    by_bucket = {r["metric"]["budget_bucket"]: float(r["value"][1])
+                 for r in prometheus.query("sum by (budget_bucket) (textscythe_requests_total)")}
+    assert by_bucket == {"none": 2, "<=64": 2, "<=128": 1, "<=256": 1, ">576": 1}
+    by_selector = {r["metric"]["selector"]: float(r["value"][1])
+                   for r in prometheus.query("sum by (selector) (textscythe_requests_total)")}
+    assert by_selector == {"none": 2, "textscythe": 3, "divprune": 1, "visionzip": 1}
+
+
+def test_worker_side_selector_metrics_arrive(stack):
+    _, prometheus = stack
+    # Selection runs in the worker process for the budgets below 576: 64, 64 (divprune), 100, 200 (visionzip).
+    by_selector = {r["metric"]["selector"]: float(r["value"][1])
+                   for r in prometheus.query("sum by (selector) (textscythe_selector_latency_seconds_count) > 0")}
+    assert by_selector == {"textscythe": 2, "divprune": 1, "visionzip": 1}
+    assert prometheus.value("sum(textscythe_selector_latency_seconds_sum)") > 0
+    assert prometheus.value("sum(textscythe_selector_fallbacks_total)") == 0
+
+
+def test_latency_by_budget_bucket(stack):
+    _, prometheus = stack
+    for metric in ("textscythe_request_ttft_seconds", "textscythe_request_e2e_latency_seconds"):
+        counts = {r["metric"]["budget_bucket"]: float(r["value"][1])
+                  for r in prometheus.query(f"sum by (budget_bucket) ({metric}_count)")}
+        assert counts == {"none": 2, "<=64": 2, "<=128": 1, "<=256": 1, ">576": 1}, metric
+    ttft = prometheus.value("sum(textscythe_request_ttft_seconds_sum)")
+    e2e = prometheus.value("sum(textscythe_request_e2e_latency_seconds_sum)")
+    assert 0 < ttft <= e2e
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = list(dashboard["panels"])
+    for panel in dashboard["panels"]:
+        panels.extend(panel.get("panels", []))
+    return [target["expr"] for panel in panels for target in panel.get("targets", []) if target.get("expr")]
+
+
+def test_every_dashboard_expression_returns_data(stack):
+    _, prometheus = stack
+    expressions = dashboard_expressions()
+    assert len(expressions) >= 10
+    empty = []
+    for expression in expressions:
+        concrete = expression.replace("$model_name", ".*")
+        concrete = re.sub(r"\$__rate_interval|\$__interval|\$__range", "1m", concrete)
+        if not prometheus.query(concrete):
+            empty.append(expression)
+    assert not empty, f"no data for: {empty}"
