@@ -235,7 +235,9 @@ def render(panels: list[Panel], out: Path, *, title: str, columns: int = 2, max_
             ax.set_xticks([])
             ax.set_yticks([])
         else:
-            ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=timezone.utc))
+            locator = mdates.AutoDateLocator(tz=timezone.utc, maxticks=8)
+            ax.xaxis.set_major_locator(locator)
+            ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=timezone.utc))
             formatter = _formatter(panel.unit)
             if formatter is not None:
                 ax.yaxis.set_major_formatter(formatter)

@@ -540,6 +540,17 @@ def test_promql_checker_rejects_broken_expressions():
             check_promql(expr, series)
 
 
+def test_metric_list_matches_the_plugins_metrics_module():
+    """The names and labels above are the ones textscythe_vllm/metrics.py declares (read as text: no import)."""
+    source = (ROOT / "textscythe_vllm" / "metrics.py").read_text()
+    pattern = re.compile(r"\b(Counter|Histogram)\(\s*\"(textscythe_[a-z0-9_]+)\"\s*,\s*(?:\"(?:[^\"\\]|\\.)*\"\s*)+,"
+                         r"\s*\[([^\]]*)\]")
+    declared = {name: (kind, set(re.findall(r"\"([^\"]+)\"", labels))) for kind, name, labels in pattern.findall(source)}
+    expected = {**{n: ("Counter", labels) for n, labels in _TS_COUNTERS.items()},
+                **{n: ("Histogram", labels) for n, labels in _TS_HISTOGRAMS.items()}}
+    assert declared == expected
+
+
 def test_vllm_series_names_are_read_from_the_installed_loggers(known_series):
     for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
                  "vllm:e2e_request_latency_seconds_bucket", "vllm:kv_cache_usage_perc", "vllm:num_requests_running",
@@ -683,20 +694,7 @@ def test_prometheus_scrapes_the_vllm_server():
     assert job.get("scrape_interval", config["global"]["scrape_interval"]) == "5s"
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
     assert targets == ["vllm:8000"]
-    assert job["scrape_protocols"][0] == "PrometheusText0.0.4"
     assert "kubernetes_sd_configs" in PROMETHEUS_PATH.read_text()  # the k8s discovery comment
-
-
-def test_classic_text_exposition_keeps_colons_in_vllm_metric_names():
-    """Why the scrape configs ask for PrometheusText0.0.4: the dashboard queries `vllm:*` names."""
-    prometheus_client = pytest.importorskip("prometheus_client")
-    from prometheus_client.exposition import choose_encoder
-
-    registry = prometheus_client.CollectorRegistry()
-    prometheus_client.Counter("vllm:prompt_tokens", "test", ["model_name"], registry=registry).labels("m").inc()
-    encoder, _ = choose_encoder("text/plain;version=0.0.4;q=0.5,*/*;q=0.1")  # what PrometheusText0.0.4 sends
-    lines = encoder(registry).decode().splitlines()
-    assert 'vllm:prompt_tokens_total{model_name="m"} 1.0' in lines
 
 
 def _mounts(service: dict) -> dict[str, str]:
@@ -785,7 +783,6 @@ def test_k8s_service_servicemonitor_and_kustomization():
     assert port["port"] == 8000 and port["targetPort"] in ("http", 8000)
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "ServiceMonitor"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    assert monitor["spec"]["scrapeProtocols"][0] == "PrometheusText0.0.4"
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())

@@ -148,12 +148,13 @@ def test_layout_rows_are_not_selected_until_image_rows_run_out():
 
 def test_selection_failure_falls_back_deterministically(monkeypatch):
     features = _features()
-    before = pruning.metrics.FALLBACKS.labels("textscythe")._value.get()
+    fallbacks = pruning.metrics.setup_worker_metrics("unit-test").fallbacks.labels("unit-test", "textscythe")
+    before = fallbacks._value.get()
     monkeypatch.setenv(pruning.FAULT_INJECTION_ENV, "1")
     first = pruning.choose_rows(features, None, features[:2], ImagePlan(9, "textscythe", ()))
     second = pruning.choose_rows(features, None, features[:2], ImagePlan(9, "textscythe", ()))
     assert first.shape == (9, 16) and torch.equal(first, second)
-    assert pruning.metrics.FALLBACKS.labels("textscythe")._value.get() == before + 2
+    assert fallbacks._value.get() == before + 2
     monkeypatch.delenv(pruning.FAULT_INJECTION_ENV)
     uniform = pruning.choose_rows(features, None, features[:0], ImagePlan(9, "uniform", ()))
     assert torch.equal(first, uniform)

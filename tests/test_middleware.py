@@ -57,9 +57,24 @@ def test_top_level_fields_move_into_mm_processor_kwargs():
     status, _ = call(app, json.dumps(body).encode())
     assert status == 200
     forwarded = json.loads(downstream.body)
-    assert forwarded["mm_processor_kwargs"] == {"visual_token_budget": 64, "visual_token_selector": "divprune"}
+    tag = forwarded["request_id"]  # set by the middleware, so latency can be attributed to the budget
+    assert len(tag) == 32
+    assert forwarded["mm_processor_kwargs"] == {
+        "visual_token_budget": 64, "visual_token_selector": "divprune", "_textscythe_request": tag
+    }
     assert "visual_token_budget" not in forwarded and "media_io_kwargs" not in forwarded
     assert downstream.headers[b"content-length"] == str(len(downstream.body)).encode()
+
+
+def test_request_tag_follows_client_ids():
+    downstream = Downstream()
+    call(VisualTokenBudgetMiddleware(downstream), json.dumps({"request_id": "mine-1"}).encode())
+    assert json.loads(downstream.body)["mm_processor_kwargs"] == {"_textscythe_request": "mine-1"}
+
+
+def test_client_cannot_forge_private_keys():
+    forwarded = rewrite_payload({"mm_processor_kwargs": {"_textscythe_request": "x", "_textscythe_plans": [1]}})
+    assert "mm_processor_kwargs" not in forwarded
 
 
 def test_no_budget_means_no_mm_processor_kwargs():
@@ -107,7 +122,8 @@ def test_body_in_chunks_and_other_paths_pass_through():
     downstream = Downstream()
     body = json.dumps({"visual_token_budget": 5, "messages": ["x" * 500]}).encode()
     assert call(VisualTokenBudgetMiddleware(downstream), body, chunks=7)[0] == 200
-    assert json.loads(downstream.body)["mm_processor_kwargs"] == {"visual_token_budget": 5}
+    forwarded = json.loads(downstream.body)
+    assert forwarded["mm_processor_kwargs"] == {"visual_token_budget": 5, "_textscythe_request": forwarded["request_id"]}
     untouched = Downstream()
     call(VisualTokenBudgetMiddleware(untouched), b"raw", path="/v1/models")
     assert untouched.body == b"raw"

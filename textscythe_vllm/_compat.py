@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 TESTED_VLLM_SERIES = "0.32"
+#: Test hook (tests/test_reliability.py): when set, the version check sees this version instead of the installed
+#: one, so the refusal path of a real ``vllm serve`` start-up can be exercised without another vLLM.
+VERSION_OVERRIDE_ENV = "TEXTSCYTHE_VLLM_VERSION_OVERRIDE"
 
 
 class UnsupportedVLLMVersion(RuntimeError):
@@ -11,6 +16,7 @@ class UnsupportedVLLMVersion(RuntimeError):
 
 def check_vllm_version(version: str) -> None:
     """Refuse to patch a vLLM whose private processor/model APIs we have not tested."""
+    version = os.environ.get(VERSION_OVERRIDE_ENV) or version
     release = version.split("+", 1)[0]
     if release.split(".")[:2] != TESTED_VLLM_SERIES.split("."):
         raise UnsupportedVLLMVersion(

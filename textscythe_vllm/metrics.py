@@ -80,6 +80,35 @@ REQUEST_E2E = Histogram(
 )
 
 
+_initialized_models: set[str] = set()
+
+
+def budget_bucket_labels() -> list[str]:
+    return [NO_BUDGET, *(label for _, label in BUDGET_BUCKETS), budget_bucket(BUDGET_BUCKETS[-1][0] + 1)]
+
+
+def initialize_api_server_metrics(model_name: str) -> None:
+    """Create every label combination at 0, so ``rate()``/``increase()`` see the first event of each series
+    (a series that first appears at 1 counts as no increase)."""
+    if model_name in _initialized_models:
+        return
+    from textscythe_vllm.selectors import available_selectors
+
+    selectors = [NO_SELECTOR, *available_selectors()]
+    for bucket in budget_bucket_labels():
+        REQUEST_TTFT.labels(model_name, bucket)
+        REQUEST_E2E.labels(model_name, bucket)
+        for selector in selectors:
+            if (bucket == NO_BUDGET) == (selector == NO_SELECTOR):
+                REQUESTS.labels(model_name, bucket, selector)
+    for selector in selectors:
+        VISUAL_TOKENS_BEFORE.labels(model_name, selector)
+        VISUAL_TOKENS_AFTER.labels(model_name, selector)
+        if selector != NO_SELECTOR:
+            PRUNING_RATIO.labels(model_name, selector)
+    _initialized_models.add(model_name)
+
+
 def record_request(model_name: str, budget: int | None, selector: str | None,
                    tokens_before: Sequence[int], tokens_after: Sequence[int]) -> None:
     """One processed multimodal request: its images' visual-token counts before and after pruning."""

@@ -132,7 +132,9 @@ class VisualTokenBudgetMiddleware:
     def _parse(body: bytes) -> Any:
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and integers longer than Python's
+        # int_max_str_digits (a 5,000-digit number), which json.loads raises as a plain ValueError.
+        except (ValueError, RecursionError) as error:
             raise RequestRejected(400, f"request body is not valid JSON: {error}", None) from None
 
 

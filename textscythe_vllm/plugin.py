@@ -32,9 +32,10 @@ def register() -> None:
     try:
         check_vllm_version(vllm.__version__)
     except UnsupportedVLLMVersion as error:
-        # One clear line at start-up instead of a traceback (vLLM calls register() outside any handler).
-        logger.error("%s", error)
-        raise SystemExit(f"textscythe-vllm: {error}") from None
+        # One clear line at start-up instead of a traceback (vLLM calls register() outside any handler):
+        # SystemExit prints its message to stderr once and exits with status 1. (No logger call as well: it
+        # printed the same message a second time.)
+        raise SystemExit(str(error)) from None
     from textscythe_vllm import metrics
 
     metrics.setup_process()

@@ -217,6 +217,10 @@ class PruningProcessorMixin:
     def placeholder_token_ids(self) -> list[int]:
         return [self.info.get_hf_config().image_token_index]  # type: ignore[attr-defined]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        metrics.initialize_api_server_metrics(self.info.ctx.model_config.served_model_name)  # type: ignore[attr-defined]
+
     def get_dummy_mm_inputs(self, *args: Any, **kwargs: Any) -> Any:
         # Profiling inputs must stay at maximum size even under a server-default budget, or vLLM would
         # size the encoder cache for pruned items and then refuse unpruned ones.

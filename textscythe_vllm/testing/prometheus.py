@@ -41,14 +41,15 @@ class PrometheusServer:
              f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=open(self.workdir / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
         )
+        # Ready is not enough: target discovery reaches the scrape loop up to ~5 s later. Wait for a scrape.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"{self.base_url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return self
+                if self.value('up{job="vllm"}') == 1.0:
+                    return self
             except OSError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         raise TimeoutError((self.workdir / "prometheus.log").read_text(errors="replace")[-3000:])
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

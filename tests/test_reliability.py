@@ -1,0 +1,298 @@
+"""Reliability under load and faults, against real ``vllm serve`` processes (one at a time).
+
+* Version refusal: on an untested vLLM the plugin stops ``vllm serve`` at start-up with one message, no trace.
+* Load (tiny LLaVA-1.5 with real random weights, float32, prefix caching, 16 concurrent sequences): hundreds of
+  mixed requests -- budgets, selectors, questions, the same image asked different questions at once, streamed
+  and not -- give zero errors, keep every server process alive (same PIDs), match the same request served
+  alone token for token, and do not grow the server's memory.
+* Client disconnects (mid-stream, and non-streaming client time-outs) abort the requests in the engine;
+  nothing stays running and later requests are served normally.
+* Selector failure (``TEXTSCYTHE_FAIL_SELECTION=1``): pruned requests complete with the pruned token count via
+  the deterministic uniform fallback, counted by ``textscythe_selector_fallbacks_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+
+from textscythe_vllm.testing import load
+from textscythe_vllm.testing.images import scene, user_message
+from textscythe_vllm.testing.server import VLLMServer, cpu_test_env, vllm_executable
+
+pytestmark = pytest.mark.server
+
+IMAGE_TOKENS = 576
+LOAD_REQUESTS = 480  # two equal halves
+CONCURRENCY = 16
+REFUSAL = "supports vLLM 0.32.x only"
+
+
+# --- version refusal (no server stays up) ---------------------------------------------------------------
+def test_untested_vllm_version_refuses_vllm_serve_at_startup(tiny_llava_dir):
+    env = cpu_test_env({"TEXTSCYTHE_VLLM_VERSION_OVERRIDE": "0.33.0"})
+    done = subprocess.run(
+        [vllm_executable(), "serve", str(tiny_llava_dir), "--load-format", "dummy", "--enforce-eager",
+         "--port", "1", "--middleware", "textscythe_vllm.middleware.VisualTokenBudgetMiddleware"],
+        capture_output=True, text=True, timeout=240, env=env, start_new_session=True,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert done.stderr.count(REFUSAL) == 1, output[-3000:]
+    assert "vLLM 0.33.0 is installed" in done.stderr and "VLLM_PLUGINS=" in done.stderr
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_untested_vllm_version_refuses_plugin_loading():
+    script = (
+        "import vllm\n"
+        "vllm.__version__ = '0.33.0'\n"
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "print('plugins loaded')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env=cpu_test_env())
+    assert done.returncode == 1
+    assert done.stderr.count(REFUSAL) == 1 and "plugins loaded" not in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+def scrape(server: VLLMServer) -> str:
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=30) as response:
+        return response.read().decode()
+
+
+def in_engine(server: VLLMServer) -> float:
+    """Requests the engine holds (running + waiting)."""
+    text = scrape(server)
+    return load.metric_sum(text, "vllm:num_requests_running") + load.metric_sum(text, "vllm:num_requests_waiting")
+
+
+def finished(server: VLLMServer, reason: str) -> float:
+    return load.metric_sum(scrape(server), "vllm:request_success_total", finished_reason=reason)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def post(server: VLLMServer, path: str) -> bytes:
+    request = urllib.request.Request(f"{server.base_url}{path}", data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read()
+
+
+# --- load and disconnects ----------------------------------------------------------------------------------
+class TestLoadAndDisconnects:
+    @pytest.fixture(scope="class")
+    def server(self, tiny_llava_weights_dir, tmp_path_factory):
+        log = tmp_path_factory.mktemp("logs") / "vllm-load.log"
+        with VLLMServer(
+            tiny_llava_weights_dir,
+            ["--dtype", "float32", "--enable-prefix-caching", "--max-num-seqs", str(CONCURRENCY), "--seed", "0"],
+            env={"VLLM_SERVER_DEV_MODE": "1"},  # /reset_prefix_cache, /reset_mm_cache, /reset_encoder_cache
+            log_path=log,
+        ) as running:
+            running.initial_pids = load.process_group(running.process.pid)
+            yield running
+
+    def test_concurrent_mixed_load_equals_solo_and_stays_healthy(self, server):
+        pgid = server.process.pid
+        assert len(server.initial_pids) >= 3  # API server, engine core, worker (+ resource tracker)
+        images = load.default_images(3)
+        distinct = load.distinct_specs(num_images=len(images))
+        mix = load.request_mix(LOAD_REQUESTS, distinct, seed=1)
+        rss = [load.sample_rss(pgid, "start")]
+
+        async def scenario():
+            client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
+                                        timeout=300)
+            solo = {}
+            for spec in distinct:  # each distinct request alone, one after the other
+                outcome = await load.run_one(client, server.model_name, spec, images)
+                assert outcome.error is None, outcome
+                solo[spec.key()] = outcome
+            # Start the load from cold caches, so that the concurrent run selects, encodes and fills the prefix
+            # cache itself (while identical requests run at the same time) instead of replaying the solo run.
+            assert json.loads(post(server, "/reset_prefix_cache"))["success"]
+            post(server, "/reset_mm_cache")
+            post(server, "/reset_encoder_cache")
+            rss.append(load.sample_rss(pgid, "after solo run (warm-up)"))
+            halves = []
+            started = time.perf_counter()
+            for index, half in enumerate((mix[:LOAD_REQUESTS // 2], mix[LOAD_REQUESTS // 2:])):
+                halves.append(await load.run_requests(client, server.model_name, half, images, CONCURRENCY))
+                rss.append(load.sample_rss(pgid, f"after half {index + 1}"))
+            await client.close()
+            return solo, halves, time.perf_counter() - started
+
+        solo, halves, seconds = asyncio.run(scenario())
+        outcomes = halves[0] + halves[1]
+        errors = [outcome for outcome in outcomes if outcome.error]
+        summary = {
+            "requests": len(outcomes), "distinct": len(distinct), "concurrency": CONCURRENCY,
+            "seconds": round(seconds, 1), "errors": len(errors), **load.latency_summary(outcomes),
+            "rss_mib": {sample.label: round(sample.mib) for sample in rss},
+        }
+        print("\nload summary:", json.dumps(summary))
+        assert not errors, errors[:5]
+        assert len(outcomes) == LOAD_REQUESTS and sum(spec.stream for spec in mix) > LOAD_REQUESTS // 4
+
+        # the prompt is pruned to exactly min(budget, 576) visual tokens
+        for key, outcome in solo.items():
+            image, question, budget, _ = key
+            full = solo[(image, question, None, None)].prompt_tokens
+            kept = IMAGE_TOKENS if budget is None else min(budget, IMAGE_TOKENS)
+            assert outcome.prompt_tokens == full - IMAGE_TOKENS + kept, key
+            assert outcome.completion_tokens == 6 and outcome.content, key
+        # every concurrent greedy answer equals the same request served alone
+        assert load.mismatches(outcomes, solo) == []
+
+        # nothing died or restarted: same processes, server healthy
+        assert server.alive()
+        assert load.process_group(pgid) == server.initial_pids
+        # memory: no growth trend once warm (second half vs first half of the same load)
+        after_first, after_second = rss[-2].mib, rss[-1].mib
+        assert after_second < 1.3 * after_first, summary["rss_mib"]
+
+    def test_client_disconnects_abort_requests_and_leave_nothing_running(self, server):
+        long_request = {"max_tokens": 3500, "ignore_eos": True, "temperature": 0.0}  # ~30 s if not aborted
+        aborted_before = finished(server, "abort")
+
+        async def disconnect_streams(count: int) -> None:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client, \
+                    contextlib.AsyncExitStack() as streams:
+                for index in range(count):
+                    body = {"model": server.model_name, "stream": True, "visual_token_budget": 64,
+                            "visual_token_selector": ("textscythe", "divprune", "visionzip", "random")[index % 4],
+                            "messages": [user_message("what colour is the car ?", scene(400 + index))],
+                            **long_request}
+                    response = await streams.enter_async_context(
+                        client.stream("POST", "/v1/chat/completions", json=body)
+                    )
+                    assert response.status_code == 200
+                    lines = response.aiter_lines()
+                    async for line in lines:  # read until the first generated token: the request is running
+                        if line.startswith("data:") and re.search(r'"content":"[^"]', line):
+                            break
+                assert await asyncio.to_thread(wait_until, lambda: in_engine(server) == count, 20)
+            # leaving the stack closed every connection mid-stream
+
+        asyncio.run(disconnect_streams(4))
+        assert wait_until(lambda: in_engine(server) == 0, 20), scrape(server)
+        assert wait_until(lambda: finished(server, "abort") - aborted_before == 4, 10)
+
+        # a non-streaming request whose client gives up (time-out) while it runs
+        body = {"model": server.model_name, "visual_token_budget": 32,
+                "messages": [user_message("is there a dog ?", scene(410))], **long_request}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=4.0)
+        assert wait_until(lambda: in_engine(server) == 0, 20), scrape(server)
+        assert wait_until(lambda: finished(server, "abort") - aborted_before == 5, 10)
+
+        # later requests are served normally, pruned to the exact count
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [user_message("what colour is the car ?", scene(400))]
+        full = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=3)
+        pruned = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=3,
+                                                extra_body={"visual_token_budget": 64})
+        assert pruned.usage.prompt_tokens == full.usage.prompt_tokens - IMAGE_TOKENS + 64
+        assert in_engine(server) == 0
+        assert server.alive()
+        assert load.process_group(server.process.pid) == server.initial_pids
+
+
+# --- selector failure ----------------------------------------------------------------------------------------
+class TestSelectorFailure:
+    @pytest.fixture(scope="class")
+    def server(self, tiny_llava_dir, tmp_path_factory):
+        logs = tmp_path_factory.mktemp("fault")
+        with VLLMServer(
+            tiny_llava_dir, ["--load-format", "dummy", "--seed", "0"],
+            env={"TEXTSCYTHE_FAIL_SELECTION": "1", "TEXTSCYTHE_SELECTION_LOG": str(logs / "selection.jsonl")},
+            log_path=logs / "vllm-fault.log",
+        ) as running:
+            running.selection_log = logs / "selection.jsonl"
+            running.initial_pids = load.process_group(running.process.pid)
+            yield running
+
+    def test_failing_selector_falls_back_to_uniform_with_exact_counts(self, server):
+        import torch
+
+        from textscythe_vllm.selectors import get_selector
+
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def prompt_tokens(messages, extra=None) -> int:
+            response = client.chat.completions.create(
+                model=server.model_name, messages=messages, max_tokens=3, temperature=0.0, extra_body=extra
+            )
+            assert response.choices[0].finish_reason in ("stop", "length")
+            return response.usage.prompt_tokens
+
+        def fallbacks(selector: str | None = None) -> float:
+            labels = {} if selector is None else {"selector": selector}
+            return load.metric_sum(scrape(server), "textscythe_selector_fallbacks_total", **labels)
+
+        def logged() -> list[dict]:
+            path = server.selection_log
+            return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+        def uniform(budget: int) -> list[int]:
+            features = torch.zeros(IMAGE_TOKENS, 8)
+            return get_selector("uniform").select(features, None, None, budget).indices.tolist()
+
+        assert fallbacks() == 0
+        one = [user_message("what colour is the umbrella ?", scene(21))]
+        full_one = prompt_tokens(one)  # no budget: nothing selected, nothing falls back
+        assert prompt_tokens(one, {"visual_token_budget": 64}) == full_one - IMAGE_TOKENS + 64
+        assert wait_until(lambda: fallbacks("textscythe") == 1, 10), scrape(server)
+
+        two = [user_message("is there a dog ?", scene(22), scene(23))]
+        full_two = prompt_tokens(two)
+        assert prompt_tokens(two, {"visual_token_budget": 40, "visual_token_selector": "divprune"}) == \
+            full_two - 2 * IMAGE_TOKENS + 80
+        assert wait_until(lambda: fallbacks("divprune") == 2, 10), scrape(server)
+
+        # a budget that keeps everything selects nothing; streaming takes the same path
+        assert prompt_tokens(one, {"visual_token_budget": 1000}) == full_one
+        streamed = [user_message("how many cars ?", scene(24))]
+        full_streamed = prompt_tokens(streamed)
+        stream = client.chat.completions.create(
+            model=server.model_name, messages=streamed, max_tokens=3,
+            stream=True, stream_options={"include_usage": True},
+            extra_body={"visual_token_budget": 7, "visual_token_selector": "visionzip"},
+        )
+        usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+        assert usage[-1].prompt_tokens == full_streamed - IMAGE_TOKENS + 7
+        assert wait_until(lambda: fallbacks() == 4, 10), scrape(server)
+
+        # the kept tokens are exactly the uniform selector's, whatever selector failed
+        records = logged()
+        assert [(r["selector"], r["budget"]) for r in records] == \
+            [("textscythe", 64), ("divprune", 40), ("divprune", 40), ("visionzip", 7)]
+        for record in records:
+            assert record["kept_positions"] == uniform(record["budget"]), record["selector"]
+        log = server.log_path.read_text(errors="replace")
+        assert log.count("selection failure injected by TEXTSCYTHE_FAIL_SELECTION=1") >= 4
+        assert "falling back to 'uniform'" in log
+        assert "EngineDeadError" not in log
+        assert server.alive()
+        assert load.process_group(server.process.pid) == server.initial_pids
