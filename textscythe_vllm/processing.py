@@ -219,6 +219,7 @@ class PruningProcessorMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._tokenizer_facts = _TokenizerFacts()
         metrics.initialize_api_server_metrics(self.info.ctx.model_config.served_model_name)  # type: ignore[attr-defined]
 
     def get_dummy_mm_inputs(self, *args: Any, **kwargs: Any) -> Any:
@@ -240,8 +241,6 @@ class PruningProcessorMixin:
         request = PruningRequest.from_kwargs(merged)
         kwargs = strip_private_kwargs(client_kwargs)
         items = inputs.mm_data_items.get(self.pruned_modality)
-        if not hasattr(self, "_tokenizer_facts"):
-            self._tokenizer_facts = _TokenizerFacts()
         plans = plan_images(
             request,
             inputs.prompt,
