@@ -32,7 +32,7 @@ Measured:
   text-agnostic selectors sit near 1. When not a single other-quadrant token is kept the ratio is infinite
   (JSON ``null``, table ``inf``).
 
-    python benchmarks/grounding.py                              # 240 questions, noise 1 and 2, K = 32 64 128
+    python benchmarks/grounding.py                              # 240 questions, noise 1 2 4, K = 32 64 128
     python benchmarks/grounding.py --questions 20 --budgets 32  # smoke run
 
 Writes JSON (``--out``, default benchmarks/results/grounding.json), the Markdown table next to it (``.md``)
@@ -61,6 +61,7 @@ if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installin
     sys.path.insert(0, str(REPO_ROOT))
 
 from textscythe_vllm.selectors import available_selectors, get_selector  # noqa: E402
+from textscythe_vllm.selectors.textscythe import threshold_scale  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "grounding.json"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,8 +120,8 @@ SYSTEM_PROMPTS = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=int, default=240, help="generated questions (default 240)")
-    parser.add_argument("--noise", type=float, nargs="+", default=[1.0, 2.0],
-                        help="noise norm / embedding norm of the quadrant tokens (default 1 2)")
+    parser.add_argument("--noise", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+                        help="noise norm / embedding norm of the quadrant tokens (default 1 2 4)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128], help="budgets K (default 32 64 128)")
     parser.add_argument("--selectors", nargs="+", default=None, help="subset of selectors (default: all)")
     parser.add_argument("--attention", choices=["center", "random"], default="center",
@@ -138,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.selectors or []) - set(available_selectors()))
     if unknown:
         parser.error(f"unknown selectors {unknown}; available: {available_selectors()}")
-    args.selectors = args.selectors or available_selectors()
+    # TextScythe first (it leads the tables and the plot), then the baselines
+    args.selectors = args.selectors or sorted(available_selectors(), key=lambda name: (name != "textscythe", name))
     if args.questions < 1 or min(args.budgets) < 1 or max(args.budgets) >= NUM_VISUAL:
         parser.error(f"--questions must be >= 1 and --budgets in [1, {NUM_VISUAL - 1}]")
     if min(args.noise) < 0:
@@ -270,7 +272,7 @@ def make_scene(objects: list[torch.Tensor], noise: float, gen: torch.Generator) 
     dim = objects[0].shape[0]
     visual = torch.empty(NUM_VISUAL, dim)
     for q, embedding in enumerate(objects):
-        rows = QUADRANT == q
+        rows = QUADRANT.eq(q)
         scale = noise * embedding.norm() / math.sqrt(dim)
         visual[rows] = embedding + scale * torch.randn(int(rows.sum()), dim, generator=gen)
     return visual
@@ -294,6 +296,19 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return None if denominator == 0 else numerator / denominator
 
 
+def length_bucket(num_text_tokens: int) -> str:
+    """TextScythe's threshold scale depends on the instruction length: lambda = 0.7 * (round(log10 T) + 1)."""
+    return f"lambda {threshold_scale(num_text_tokens, 0.7):.1f}"
+
+
+def selectivity(counts: list[int]) -> dict[str, float | None]:
+    """``[kept asked, asked, kept other, other]`` -> the two kept fractions and their ratio."""
+    kept_asked, asked, kept_other, other = counts
+    asked_fraction, other_fraction = kept_asked / asked, kept_other / other
+    return {"asked_kept_fraction": asked_fraction, "other_kept_fraction": other_fraction,
+            "selectivity": ratio(asked_fraction, other_fraction)}
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -306,16 +321,20 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     word_embeddings = {word: side.word_embedding(word) for word in OBJECTS}
     load_seconds = time.perf_counter() - started
     selectors = {name: get_selector(name) for name in args.selectors}
-    probe_budget = min(args.budgets)
+    if "textscythe" not in selectors:  # its key tokens are always measured
+        selectors = {"textscythe": get_selector("textscythe"), **selectors}
+    budgets = sorted(args.budgets)
+    seconds = dict.fromkeys(selectors, 0.0)
 
     key_rows, selectivity_rows = [], []
     for noise in args.noise:
         gen = torch.Generator().manual_seed(args.seed)
-        # per selector and K: kept asked tokens, asked tokens, kept other tokens, other tokens
-        counts = {(name, k): [0, 0, 0, 0] for name in args.selectors for k in args.budgets}
+        # per selector, K and prompt-length bucket: kept asked tokens, asked tokens, kept other, other tokens
+        counts: dict[tuple[str, int, str], list[int]] = {}
         key = {"true_pos": 0, "key": 0, "positives": 0, "no_key": 0, "all_found": 0, "any_found": 0,
                "key_tokens": 0, "text_tokens": 0}
         by_length: dict[str, list[int]] = {}  # bucket -> [true_pos, key, positives, questions]
+        by_objects: dict[int, list[int]] = {}  # asked objects -> [true_pos, key, positives, words found, words, qs]
         relevant_in_asked = relevant_total = 0
         for number, question in enumerate(questions, 1):
             visual = make_scene([word_embeddings[w] for w in question.layout], noise, gen)
@@ -325,8 +344,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             asked_mask = torch.isin(QUADRANT, asked_quadrants)
             n_asked = int(asked_mask.sum())
 
-            probe = selectors["textscythe"] if "textscythe" in selectors else get_selector("textscythe")
-            info = probe.select(visual, text, attention, probe_budget).info
+            kept = {}
+            for k in budgets:
+                for name, selector in selectors.items():
+                    tick = time.perf_counter()
+                    out = selector.select(visual, text, attention, k)
+                    seconds[name] += time.perf_counter() - tick
+                    kept[(name, k)] = torch.zeros(NUM_VISUAL, dtype=torch.bool).index_fill_(0, out.indices, True)
+                    if (name, k) == ("textscythe", budgets[0]):
+                        info = out.info  # the key tokens and the relevant set do not depend on K
             key_mask = info["key_text_mask"].tolist()
             positive = question.positive
             true_pos = sum(k and p for k, p in zip(key_mask, positive, strict=True))
@@ -338,23 +364,24 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             key["all_found"] += len(found_words) == len(question.asked)
             key["any_found"] += bool(found_words)
             key["text_tokens"] += len(question.text_ids)
-            bucket = "T <= 31 (lambda 1.4)" if len(question.text_ids) <= 31 else "T >= 32 (lambda 2.1)"
+            bucket = length_bucket(len(question.text_ids))
             row = by_length.setdefault(bucket, [0, 0, 0, 0])
             for slot, value in enumerate((true_pos, sum(key_mask), sum(positive), 1)):
+                row[slot] += value
+            row = by_objects.setdefault(len(question.asked), [0, 0, 0, 0, 0, 0])
+            for slot, value in enumerate((true_pos, sum(key_mask), sum(positive), len(found_words),
+                                          len(question.asked), 1)):
                 row[slot] += value
             relevant = info["relevant_mask"]
             relevant_in_asked += int((relevant & asked_mask).sum())
             relevant_total += int(relevant.sum())
 
-            for k in args.budgets:
-                for name, selector in selectors.items():
-                    kept = torch.zeros(NUM_VISUAL, dtype=torch.bool)
-                    kept[selector.select(visual, text, attention, k).indices] = True
-                    entry = counts[(name, k)]
-                    entry[0] += int((kept & asked_mask).sum())
-                    entry[1] += n_asked
-                    entry[2] += int((kept & ~asked_mask).sum())
-                    entry[3] += NUM_VISUAL - n_asked
+            for (name, k), mask in kept.items():
+                entry = counts.setdefault((name, k, bucket), [0, 0, 0, 0])
+                entry[0] += int((mask & asked_mask).sum())
+                entry[1] += n_asked
+                entry[2] += int((mask & ~asked_mask).sum())
+                entry[3] += NUM_VISUAL - n_asked
             print(f"  noise={noise:g} question {number}/{len(questions)}", end="\r", file=sys.stderr, flush=True)
         print(file=sys.stderr)
 
@@ -371,17 +398,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "any_asked_word_found": key["any_found"] / n,
             "relevant_tokens_mean": relevant_total / n,
             "relevant_precision": ratio(relevant_in_asked, relevant_total),
+            "asked_word_recall": ratio(sum(r[3] for r in by_objects.values()), sum(r[4] for r in by_objects.values())),
             "by_length": {b: {"questions": r[3], "precision": ratio(r[0], r[1]), "recall": ratio(r[0], r[2])}
                           for b, r in sorted(by_length.items())},
+            "by_asked_objects": {str(a): {"questions": r[5], "precision": ratio(r[0], r[1]),
+                                          "recall": ratio(r[0], r[2]), "asked_word_recall": ratio(r[3], r[4])}
+                                 for a, r in sorted(by_objects.items())},
         })
-        for (name, k), (kept_a, total_a, kept_o, total_o) in counts.items():
-            asked_fraction, other_fraction = kept_a / total_a, kept_o / total_o
-            selectivity_rows.append({
-                "noise": noise, "selector": name, "K": k,
-                "asked_kept_fraction": asked_fraction,
-                "other_kept_fraction": other_fraction,
-                "selectivity": ratio(asked_fraction, other_fraction),
-            })
+        for name in args.selectors:
+            for k in args.budgets:
+                buckets = {b: c for (s, kk, b), c in sorted(counts.items()) if (s, kk) == (name, k)}
+                total = [sum(c[i] for c in buckets.values()) for i in range(4)]
+                selectivity_rows.append({
+                    "noise": noise, "selector": name, "K": k, **selectivity(total),
+                    "by_length": {b: {"questions": by_length[b][3], **selectivity(c)} for b, c in buckets.items()},
+                })
     return {
         "config": {
             "questions": args.questions, "noise": args.noise, "budgets": args.budgets,
@@ -396,6 +427,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "load_seconds": load_seconds,
             "total_seconds": time.perf_counter() - started,
+            "mean_select_ms": {name: 1e3 * t / (len(questions) * len(budgets) * len(args.noise))
+                               for name, t in seconds.items()},
         },
         "examples": [
             {"system": q.system, "question": q.question, "layout": q.layout, "asked": q.asked,
@@ -443,6 +476,33 @@ def markdown_table(report: dict[str, object]) -> str:
     for name in config["selectors"]:
         cells = [_fmt(by_key[(name, n, k)]["selectivity"]) for n, k in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "**TextScythe key tokens by number of asked objects** (word recall: asked words with >= 1 key sub-token)",
+        "",
+        "| noise | asked objects | questions | precision | recall | word recall |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["key_tokens"]:
+        for asked, stats in row["by_asked_objects"].items():
+            lines.append(f"| {row['noise']:g} | {asked} | {stats['questions']} | {_fmt(stats['precision'])} "
+                         f"| {_fmt(stats['recall'])} | {_fmt(stats['asked_word_recall'])} |")
+    if "textscythe" in config["selectors"]:
+        lines += [
+            "",
+            "**TextScythe by instruction length** (lambda = 0.7 (round(log10 T) + 1) scales both thresholds): "
+            "questions, key-token precision / recall, selectivity per K",
+            "",
+            "| noise | bucket | questions | precision | recall | " + " | ".join(f"K={k}" for k in config["budgets"])
+            + " |",
+            "|---:|---|---:|---:|---:|" + "---:|" * len(config["budgets"]),
+        ]
+        for row in report["key_tokens"]:
+            for bucket, stats in row["by_length"].items():
+                cells = [_fmt(by_key[("textscythe", row["noise"], k)]["by_length"][bucket]["selectivity"])
+                         for k in config["budgets"]]
+                lines.append(f"| {row['noise']:g} | {bucket} | {stats['questions']} | {_fmt(stats['precision'])} "
+                             f"| {_fmt(stats['recall'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -451,6 +511,7 @@ def plot(report: dict[str, object], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     config = report["config"]
     rows = report["selectivity"]
@@ -472,6 +533,8 @@ def plot(report: dict[str, object], path: Path) -> None:
                     axis.text(bar.get_x() + bar.get_width() / 2, cap, "inf", ha="center", va="bottom", fontsize=7)
         axis.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
         axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         axis.set_xticks(range(len(names)), names, rotation=40, ha="right")
         axis.set_title(f"noise {noise:g}")
         axis.grid(axis="y", alpha=0.3)

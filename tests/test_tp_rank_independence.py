@@ -237,5 +237,5 @@ def test_tensor_parallel_ranks_keep_the_same_tokens(tp_server) -> None:
         assert len(kept) == 2, key
         assert kept[0] == kept[1], key
         assert len(kept[0]) == key[1], key
-    assert "Fallback" not in server.log_tail(2000) and "falling back" not in server.log_tail(2000)
+    assert "falling back to 'uniform'" not in server.log_path.read_text(errors="replace")  # no selector failed
     assert server.alive()

@@ -5,3 +5,7 @@ Importing this package is cheap and never imports vLLM; the vLLM integration liv
 """
 
 __version__ = "0.1.0"
+
+#: Name of the plugin's logger: a child of vLLM's ``vllm`` logger, so its records go through vLLM's handlers
+#: and format (and ``VLLM_LOGGING_LEVEL``) inside vLLM processes.
+LOGGER_NAME = "vllm.textscythe"

@@ -32,7 +32,9 @@ from collections.abc import Iterator, Sequence
 from prometheus_client import REGISTRY, Counter, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-logger = logging.getLogger("textscythe_vllm")
+from textscythe_vllm import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 METRICS_DIR_ENV = "TEXTSCYTHE_METRICS_DIR"
 NO_SELECTOR = "none"

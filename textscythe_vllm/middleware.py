@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from textscythe_vllm import LOGGER_NAME
 from textscythe_vllm.processing import REQUEST_TAG_KEY
 from textscythe_vllm.request import (
     BUDGET_FIELD,
@@ -31,7 +32,7 @@ from textscythe_vllm.request import (
     parse_selector,
 )
 
-logger = logging.getLogger("textscythe_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 
+from textscythe_vllm import LOGGER_NAME
 from textscythe_vllm._compat import UnsupportedVLLMVersion, check_vllm_version
 
-logger = logging.getLogger("textscythe_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 #: vLLM architecture name -> our subclass (lazy import path).
 MODEL_CLASSES = {
     "LlavaForConditionalGeneration": "textscythe_vllm.models.llava:TextScytheLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration":
         "textscythe_vllm.models.llava_next:TextScytheLlavaNextForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration":
+        "textscythe_vllm.models.qwen2_5_vl:TextScytheQwen2_5_VLForConditionalGeneration",
 }
 
 _registered = False

@@ -13,6 +13,10 @@ with a budget it
   hits every cache;
 * ships the plan to the model as the per-image tensor field :data:`PLAN_FIELD` (kept on the CPU).
 
+A model family may prune several modalities (``pruned_modalities``, e.g. Qwen2.5-VL's images and videos): each
+modality gets its own plans, located by its own placeholder token, and its own per-item field
+(:func:`plan_field`); the budget applies to every item of every pruned modality.
+
 Without a budget nothing changes: the plugin's keys are removed and the stock processor runs with the
 request's other kwargs, so hashes and placeholders are exactly stock vLLM's.
 """
@@ -28,13 +32,14 @@ from typing import Any
 
 import torch
 
-from textscythe_vllm import metrics
+from textscythe_vllm import LOGGER_NAME, metrics
 from textscythe_vllm.request import CLIENT_KEYS, PruningRequest
 from textscythe_vllm.selectors import available_selectors
 
-logger = logging.getLogger("textscythe_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
-#: Internal ``hf_processor_mm_kwargs`` key carrying the per-image plans through vLLM's processing pipeline.
+#: Internal ``hf_processor_mm_kwargs`` key carrying the plans (``{modality: per-item plans}``) through vLLM's
+#: processing pipeline.
 #: Never accepted from clients (the middleware drops every key but :data:`CLIENT_KEYS`).
 PLAN_KEY = "_textscythe_plans"
 #: Per-image tensor field that carries the plan from the processor to ``embed_multimodal``.
@@ -44,6 +49,12 @@ PLAN_FIELD = "textscythe_plan"
 REQUEST_TAG_KEY = "_textscythe_request"
 _PRIVATE_KEYS = frozenset((PLAN_KEY, REQUEST_TAG_KEY, *CLIENT_KEYS))
 _PLAN_HEADER = 2  # [budget, selector code] precede the instruction ids
+
+
+def plan_field(modality: str) -> str:
+    """The per-item plan field of ``modality``: :data:`PLAN_FIELD` for images, ``textscythe_<modality>_plan``
+    otherwise (a batched field belongs to exactly one modality)."""
+    return PLAN_FIELD if modality == "image" else f"textscythe_{modality}_plan"
 
 
 @dataclass(frozen=True)
@@ -149,11 +160,18 @@ def plan_images(
     num_images: int,
     tokenizer: Any,
     facts: _TokenizerFacts,
+    excluded_placeholder_ids: Sequence[int] | None = None,
 ) -> tuple[ImagePlan, ...] | None:
-    """One plan per image, in prompt order, or ``None`` when the request prunes nothing."""
+    """One plan per image, in prompt order, or ``None`` when the request prunes nothing.
+
+    ``placeholder_ids`` locate the items; ``excluded_placeholder_ids`` (default: the same) are the placeholder
+    tokens of every pruned modality, which no instruction contains.
+    """
     if request is None or num_images == 0:
         return None
-    excluded, marker = facts.get(tokenizer, placeholder_ids)
+    excluded, marker = facts.get(
+        tokenizer, placeholder_ids if excluded_placeholder_ids is None else excluded_placeholder_ids
+    )
     placeholder_set = set(placeholder_ids)
     positions = [index for index, token in enumerate(prompt) if token in placeholder_set][:num_images]
     # Prompts whose images are not marked by a placeholder token (rare: text-level targets) use the whole
@@ -208,14 +226,17 @@ def with_plugin_context(info_factory: Callable[[Any], Any]) -> Callable[[Any], A
 class PruningProcessorMixin:
     """Put in front of a vLLM ``BaseMultiModalProcessor`` subclass (see module docstring).
 
-    ``pruned_modality`` is the modality whose items are pruned; ``placeholder_token_ids()`` returns the prompt
-    token(s) that mark one item of it before expansion.
+    ``pruned_modalities`` are the modalities whose items are pruned; ``placeholder_token_ids(modality)`` returns
+    the prompt token(s) that mark one item of ``modality`` before expansion.
     """
 
-    pruned_modality: str = "image"
+    pruned_modalities: tuple[str, ...] = ("image",)
 
-    def placeholder_token_ids(self) -> list[int]:
+    def placeholder_token_ids(self, modality: str = "image") -> list[int]:
         return [self.info.get_hf_config().image_token_index]  # type: ignore[attr-defined]
+
+    def _all_placeholder_token_ids(self) -> list[int]:
+        return [token for modality in self.pruned_modalities for token in self.placeholder_token_ids(modality)]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
@@ -240,28 +261,39 @@ class PruningProcessorMixin:
         merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(client_kwargs)  # type: ignore[attr-defined]
         request = PruningRequest.from_kwargs(merged)
         kwargs = strip_private_kwargs(client_kwargs)
-        items = inputs.mm_data_items.get(self.pruned_modality)
-        plans = plan_images(
-            request,
-            inputs.prompt,
-            self.placeholder_token_ids(),
-            0 if items is None else len(items),
-            self.info.get_tokenizer(),  # type: ignore[attr-defined]
-            self._tokenizer_facts,
-        )
-        if plans is not None:
+        self._check_request(request)
+        plans: dict[str, tuple[ImagePlan, ...]] = {}
+        for modality in self.pruned_modalities:
+            items = inputs.mm_data_items.get(modality)
+            modality_plans = plan_images(
+                request,
+                inputs.prompt,
+                self.placeholder_token_ids(modality),
+                0 if items is None else len(items),
+                self.info.get_tokenizer(),  # type: ignore[attr-defined]
+                self._tokenizer_facts,
+                excluded_placeholder_ids=self._all_placeholder_token_ids(),
+            )
+            if modality_plans is not None:
+                plans[modality] = modality_plans
+        if plans:
             kwargs[PLAN_KEY] = plans
         result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)  # type: ignore[misc]
         self._record_metrics(inputs, request, result, client_kwargs.get(REQUEST_TAG_KEY))
         return result
 
+    def _check_request(self, request: PruningRequest | None) -> None:
+        """Refuse a request the model cannot serve by raising ``PruningRequestError``; by default accept all."""
+
     def _record_metrics(self, inputs: Any, request: PruningRequest | None, result: Any, tag: object) -> None:
         """Count the request (API server only: profiling never gets here). Never fails the request."""
         try:
-            items = inputs.mm_data_items.get(self.pruned_modality)
-            placeholders = result["mm_placeholders"].get(self.pruned_modality, [])
-            before = [self._unpruned_token_count(items, index) for index in range(len(placeholders))]
-            after = [placeholder.get_num_embeds() for placeholder in placeholders]
+            before, after = [], []
+            for modality in self.pruned_modalities:
+                items = inputs.mm_data_items.get(modality)
+                placeholders = result["mm_placeholders"].get(modality, [])
+                before += [self._unpruned_token_count(items, index, modality) for index in range(len(placeholders))]
+                after += [placeholder.get_num_embeds() for placeholder in placeholders]
             model_name = self.info.ctx.model_config.served_model_name  # type: ignore[attr-defined]
             budget = None if request is None else request.budget
             metrics.record_request(model_name, budget, None if request is None else request.selector, before, after)
@@ -270,8 +302,8 @@ class PruningProcessorMixin:
         except Exception:
             logger.warning("textscythe: could not record request metrics", exc_info=True)
 
-    def _unpruned_token_count(self, items: Any, index: int) -> int:
-        """Visual tokens the stock processor gives item ``index``."""
+    def _unpruned_token_count(self, items: Any, index: int, modality: str = "image") -> int:
+        """Visual tokens the stock processor gives item ``index`` of ``modality``."""
         from vllm.multimodal.parse import ImageEmbeddingItems
 
         if isinstance(items, ImageEmbeddingItems):
@@ -289,10 +321,11 @@ class PruningProcessorMixin:
             from vllm.multimodal.hasher import MultiModalHasher
 
             algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm  # type: ignore[attr-defined]
-            hashes[self.pruned_modality] = [
-                MultiModalHasher.hash_kwargs(algorithm, item=item_hash, textscythe=plan.cache_key())
-                for item_hash, plan in zip(hashes[self.pruned_modality], plans, strict=True)
-            ]
+            for modality, modality_plans in plans.items():
+                hashes[modality] = [
+                    MultiModalHasher.hash_kwargs(algorithm, item=item_hash, textscythe=plan.cache_key())
+                    for item_hash, plan in zip(hashes[modality], modality_plans, strict=True)
+                ]
         return hashes
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
@@ -302,13 +335,14 @@ class PruningProcessorMixin:
         processed_data = super()._postprocess_hf_mm_data(  # type: ignore[misc]
             mm_inputs, strip_private_kwargs(hf_processor_mm_kwargs), processed_data
         )
-        num_items = self._num_processed_items(processed_data)
-        plans = _plans_for_items(hf_processor_mm_kwargs, num_items)
-        if num_items:
-            processed_data[PLAN_FIELD] = [plan.encode() for plan in plans]
+        for modality in self.pruned_modalities:
+            num_items = self._num_processed_items(processed_data, modality)
+            plans = _plans_for_items(hf_processor_mm_kwargs, num_items, modality)
+            if num_items:
+                processed_data[plan_field(modality)] = [plan.encode() for plan in plans]
         return processed_data
 
-    def _num_processed_items(self, processed_data: Mapping[str, object]) -> int:
+    def _num_processed_items(self, processed_data: Mapping[str, object], modality: str = "image") -> int:
         for key in ("pixel_values", "image_embeds"):
             value = processed_data.get(key)
             if value is not None:
@@ -321,22 +355,25 @@ class PruningProcessorMixin:
         fields = dict(super()._get_mm_fields_config(  # type: ignore[misc]
             hf_inputs, strip_private_kwargs(hf_processor_mm_kwargs)
         ))
-        fields[PLAN_FIELD] = MultiModalFieldConfig.batched(self.pruned_modality, keep_on_cpu=True)
+        for modality in self.pruned_modalities:
+            fields[plan_field(modality)] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return fields
 
     def _get_mm_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
         updates = super()._get_mm_prompt_updates(  # type: ignore[misc]
             mm_items, strip_private_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
         )
-        if PLAN_KEY not in hf_processor_mm_kwargs or self.pruned_modality not in updates:
+        if PLAN_KEY not in hf_processor_mm_kwargs:
             return updates
-        item_updates = updates[self.pruned_modality]
-        plans = _plans_for_items(hf_processor_mm_kwargs, len(item_updates))
         updates = dict(updates)
-        updates[self.pruned_modality] = [
-            [prune_prompt_update(update, plan.budget) for update in per_item]
-            for plan, per_item in zip(plans, item_updates, strict=True)
-        ]
+        for modality in self.pruned_modalities:
+            if modality not in updates:
+                continue
+            plans = _plans_for_items(hf_processor_mm_kwargs, len(updates[modality]), modality)
+            updates[modality] = [
+                [prune_prompt_update(update, plan.budget) for update in per_item]
+                for plan, per_item in zip(plans, updates[modality], strict=True)
+            ]
         return updates
 
     def _get_cache_missing_processor_kwargs(self, inputs: Any, mm_is_cached: Mapping[str, list[bool]]) -> Any:
@@ -345,13 +382,21 @@ class PruningProcessorMixin:
         kwargs = dict(super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached))  # type: ignore[misc]
         plans = kwargs.get(PLAN_KEY)
         if plans is not None:
-            cached = mm_is_cached.get(self.pruned_modality, [False] * len(plans))
-            kwargs[PLAN_KEY] = tuple(plan for plan, hit in zip(plans, cached, strict=True) if not hit)
+            kwargs[PLAN_KEY] = {
+                modality: tuple(
+                    plan for plan, hit in zip(
+                        modality_plans, mm_is_cached.get(modality, [False] * len(modality_plans)), strict=True
+                    ) if not hit
+                )
+                for modality, modality_plans in plans.items()  # type: ignore[attr-defined]
+            }
         return kwargs
 
 
-def _plans_for_items(kwargs: Mapping[str, object], num_items: int) -> Sequence[ImagePlan]:
-    plans = kwargs.get(PLAN_KEY)
+def _plans_for_items(kwargs: Mapping[str, object], num_items: int, modality: str = "image") -> Sequence[ImagePlan]:
+    """The plans of ``modality``'s items: :data:`PLAN_KEY` holds ``{modality: plans}``; none means unpruned."""
+    all_plans = kwargs.get(PLAN_KEY)
+    plans = None if all_plans is None else all_plans.get(modality)  # type: ignore[attr-defined]
     if plans is None:
         return [UNPRUNED] * num_items
     if len(plans) != num_items:  # type: ignore[arg-type]

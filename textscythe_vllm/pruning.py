@@ -18,11 +18,11 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from textscythe_vllm import metrics
+from textscythe_vllm import LOGGER_NAME, metrics
 from textscythe_vllm.processing import ImagePlan
 from textscythe_vllm.selectors import TokenSelector, get_selector
 
-logger = logging.getLogger("textscythe_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 #: Test hook (reliability tests): when set to "1", every selection raises inside the guarded region, which
 #: must end in the deterministic fallback, never in a dead engine.
@@ -58,6 +58,23 @@ def choose_rows(
 ) -> Tensor:
     """The ``[min(budget, M), D]`` rows to feed the LLM, in position order; never raises, never another count.
 
+    See :func:`choose_rows_and_positions`, which also returns where each row stands.
+    """
+    return choose_rows_and_positions(features, attention, text, plan, candidates, extra_seconds)[0]
+
+
+def choose_rows_and_positions(
+    features: Tensor,
+    attention: Tensor | None,
+    text: Tensor,
+    plan: ImagePlan,
+    candidates: Tensor | None = None,
+    extra_seconds: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """``(rows [min(budget, M), D], positions [min(budget, M)])``: the rows to feed the LLM, in position order,
+    and the ascending row index in ``features`` each one stands at (a merged row stands at its selector's
+    index); never raises, never another count.
+
     Pruning selectors return kept rows; merging selectors (visionzip, visiondrop) return merged rows. Layout
     rows (LLaVA-NeXT's newline tokens) are not selected while image rows remain; when the budget exceeds the
     image rows, the earliest layout rows fill the rest so the count still matches the placeholders.
@@ -65,7 +82,7 @@ def choose_rows(
     num_rows = features.shape[0]
     keep = min(plan.budget, num_rows)
     if keep == num_rows:
-        return features
+        return features, torch.arange(num_rows, device=features.device)
     started = time.perf_counter()
     try:
         if os.environ.get(FAULT_INJECTION_ENV) == "1":
@@ -83,7 +100,7 @@ def choose_rows(
             positions, rows = torch.arange(keep, device=features.device), features[:keep]
     metrics.record_selection(plan.selector, time.perf_counter() - started + extra_seconds)
     _log_selection(plan, num_rows, positions)
-    return rows
+    return rows, positions
 
 
 def _log_selection(plan: ImagePlan, num_rows: int, positions: Tensor) -> None:
@@ -132,16 +149,31 @@ def prune_items(
     attention_seconds: float = 0.0,  # time spent computing ``attention`` for the whole batch
 ) -> list[Tensor]:
     """Apply each item's plan; unpruned items (budget 0 or >= their token count) come back unchanged."""
+    return [rows for rows, _ in prune_items_with_positions(
+        features, attention, plans, embed_tokens, candidates, attention_seconds
+    )]
+
+
+def prune_items_with_positions(
+    features: Sequence[Tensor],
+    attention: Sequence[Tensor | None],
+    plans: Sequence[ImagePlan],
+    embed_tokens: Callable[[Tensor], Tensor],
+    candidates: Sequence[Tensor | None] | None = None,
+    attention_seconds: float = 0.0,
+) -> list[tuple[Tensor, Tensor | None]]:
+    """:func:`prune_items` with each pruned item's kept positions (``[K]`` ascending row indices of its
+    features); ``None`` for an item that comes back unchanged."""
     pruned_items = sum(1 for item, plan in zip(features, plans, strict=True) if 0 < plan.budget < item.shape[0])
     share = attention_seconds / pruned_items if pruned_items else 0.0
-    pruned = []
+    pruned: list[tuple[Tensor, Tensor | None]] = []
     for index, (item, plan) in enumerate(zip(features, plans, strict=True)):
         if not 0 < plan.budget < item.shape[0]:
-            pruned.append(item)
+            pruned.append((item, None))
             continue
         ids = torch.tensor(plan.instruction, dtype=torch.long, device=item.device)
         text = embed_tokens(ids) if ids.numel() else item.new_zeros((0, item.shape[1]))
-        pruned.append(choose_rows(
+        pruned.append(choose_rows_and_positions(
             item, attention[index], text, plan, None if candidates is None else candidates[index], share
         ))
     return pruned

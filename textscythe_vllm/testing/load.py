@@ -191,6 +191,20 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def process_name(pid: int) -> str:
+    """``/proc/<pid>/comm`` (vLLM names its processes, e.g. ``VLLM::EngineCore``), or ``"?"``."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "?"
+
+
+def group_rss_by_process_mib(pgid: int) -> dict[str, float]:
+    """Resident memory per process of the group, MiB, keyed ``"<pid> <name>"``."""
+    return {f"{pid} {process_name(pid)}": round(rss_kib(pid) / 1024, 1) for pid in process_group(pgid)}
+
+
 def group_rss_mib(pgid: int) -> float:
     """Summed resident memory of the process group, MiB (shared pages count once per process)."""
     return sum(rss_kib(pid) for pid in process_group(pgid)) / 1024

