@@ -118,6 +118,21 @@ def test_malformed_json_and_oversized_bodies():
     assert status == 413
 
 
+def test_deeply_nested_bodies_are_400():
+    for depth in (65, 200, 969, 5000):
+        body = b'{"messages":' + b"[" * depth + b"]" * depth + b"}"
+        status, payload = call(VisualTokenBudgetMiddleware(Downstream()), body)
+        message = json.loads(payload)["error"]["message"]
+        # Whether json.loads itself hits the recursion limit depends on the stack depth at hand; either way
+        # the middleware answers, nothing reaches vLLM.
+        assert status == 400 and ("nests deeper" in message or "recursion" in message)
+        if depth <= 200:
+            assert "nests deeper" in message
+    downstream = Downstream()
+    ok = b'{"messages":' + b"[" * 30 + b"]" * 30 + b"}"
+    assert call(VisualTokenBudgetMiddleware(downstream), ok)[0] == 200
+
+
 def test_body_in_chunks_and_other_paths_pass_through():
     downstream = Downstream()
     body = json.dumps({"visual_token_budget": 5, "messages": ["x" * 500]}).encode()

@@ -43,6 +43,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 REWRITTEN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 MM_KWARGS_FIELD = "mm_processor_kwargs"
 MEDIA_IO_FIELD = "media_io_kwargs"
+#: Bodies nesting deeper than this are refused with 400 (chat requests nest about 6 levels).
+MAX_JSON_DEPTH = 64
 #: Bodies above this are refused with 413 before parsing (images travel base64-encoded inside the body).
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -132,11 +134,32 @@ class VisualTokenBudgetMiddleware:
     @staticmethod
     def _parse(body: bytes) -> Any:
         try:
-            return json.loads(body)
+            payload = json.loads(body)
         # ValueError covers JSONDecodeError, UnicodeDecodeError and integers longer than Python's
         # int_max_str_digits (a 5,000-digit number), which json.loads raises as a plain ValueError.
         except (ValueError, RecursionError) as error:
             raise RequestRejected(400, f"request body is not valid JSON: {error}", None) from None
+        if _nesting_depth(payload) > MAX_JSON_DEPTH:
+            # Deeper bodies parse, but re-serialising them here or validating them in vLLM recurses past
+            # Python's limit; no OpenAI request nests anywhere near this deep.
+            raise RequestRejected(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels", None)
+        return payload
+
+
+def _nesting_depth(value: Any) -> int:
+    """Deepest nesting of lists/objects in a parsed JSON value (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _request_tag(scope: Scope, payload: dict[str, Any]) -> str:
