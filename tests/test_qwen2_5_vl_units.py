@@ -175,7 +175,9 @@ def _probe_for(grid_thw, heads=2, head_dim=8, window_size=112):
 
 @pytest.mark.parametrize("block_elements", [1 << 24, 97])  # one block per sequence, or many small query chunks
 def test_probe_equals_dense_attention_in_raster_order(monkeypatch, block_elements):
-    monkeypatch.setattr(qwen, "_PROBE_BLOCK_ELEMENTS", block_elements)
+    from textscythe_vllm import pruning
+
+    monkeypatch.setattr(pruning, "PROBE_BLOCK_ELEMENTS", block_elements)
     grid_thw = [[1, 8, 12], [2, 4, 6]]  # an image (windows of 4x4 merged rows) and a 2-step video
     probe, visual = _probe_for(grid_thw)
     generator = torch.Generator().manual_seed(0)

@@ -146,10 +146,13 @@ def _shard_qkv(qkv: torch.Tensor, rank: int, tp_size: int, heads: int, head_dim:
     return torch.cat([part[..., rank * per_rank:(rank + 1) * per_rank] for part in parts], dim=-1)
 
 
-def test_cls_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("probe_name", ["ClsAttentionProbe", "MeanAttentionProbe"])  # CLIP [CLS]; SigLIP mean
+def test_tower_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.MonkeyPatch, probe_name) -> None:
     import vllm.distributed
 
-    from textscythe_vllm.pruning import ClsAttentionProbe
+    from textscythe_vllm import pruning
+
+    probe_class = getattr(pruning, probe_name)
 
     heads, head_dim, batch, seq_len, tp_size = 4, 16, 2, 577, 2
     qkv = torch.randn(batch, seq_len, 3 * heads * head_dim, generator=torch.Generator().manual_seed(5))
@@ -158,11 +161,11 @@ def test_cls_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.Mo
         raise AssertionError("a single rank must not all-reduce")
 
     monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce", unexpected)
-    single = ClsAttentionProbe(_FakeClipAttention(heads, heads, head_dim, tp_size=1))._cls_attention(qkv)
+    single = probe_class(_FakeClipAttention(heads, heads, head_dim, tp_size=1)).scores(qkv)
     assert single.shape == (batch, seq_len)
     torch.testing.assert_close(single.sum(dim=1), torch.ones(batch))  # a mean of softmax rows
 
-    probes = [ClsAttentionProbe(_FakeClipAttention(heads // tp_size, heads, head_dim, tp_size))
+    probes = [probe_class(_FakeClipAttention(heads // tp_size, heads, head_dim, tp_size))
               for _ in range(tp_size)]
     shards = [_shard_qkv(qkv, rank, tp_size, heads, head_dim) for rank in range(tp_size)]
     # 1) what each rank contributes: its own heads' sum (capture the all-reduce input, pass it through)
@@ -170,7 +173,7 @@ def test_cls_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.Mo
     monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce",
                         lambda tensor: partial.append(tensor.clone()) or tensor)
     for probe, shard in zip(probes, shards, strict=True):
-        probe._cls_attention(shard)
+        probe.scores(shard)
     assert len(partial) == tp_size and all(p.shape == (batch, seq_len) for p in partial)
     assert not torch.allclose(partial[0], partial[1])  # the ranks really hold different heads
 
@@ -182,7 +185,7 @@ def test_cls_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.Mo
         return torch.stack(partial).sum(dim=0)
 
     monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce", all_reduce)
-    results = [probe._cls_attention(shard) for probe, shard in zip(probes, shards, strict=True)]
+    results = [probe.scores(shard) for probe, shard in zip(probes, shards, strict=True)]
     assert len(calls) == tp_size
     assert torch.equal(results[0], results[1])  # the same scores on every rank
     torch.testing.assert_close(results[0], single, rtol=1e-6, atol=1e-7)  # and the single-rank scores

@@ -20,6 +20,8 @@ MODEL_CLASSES = {
         "textscythe_vllm.models.llava_next:TextScytheLlavaNextForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration":
         "textscythe_vllm.models.qwen2_5_vl:TextScytheQwen2_5_VLForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration":
+        "textscythe_vllm.models.llava_onevision:TextScytheLlavaOnevisionForConditionalGeneration",
 }
 
 _registered = False

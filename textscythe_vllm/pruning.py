@@ -179,6 +179,31 @@ def prune_items_with_positions(
     return pruned
 
 
+#: Elements of one ``[heads, queries, keys]`` score block when attention is averaged over all queries (fp32:
+#: 64 MiB): the full ``S x S`` matrix is never held.
+PROBE_BLOCK_ELEMENTS = 1 << 24
+
+
+def mean_received_attention(
+    query: Tensor,  # [L, h, d] one sequence's queries (this rank's heads)
+    key: Tensor,  # [L, h, d] its keys
+    scale: float,
+) -> Tensor:
+    """``[L]``: for each token ``j``, ``sum_h 1/L sum_i softmax_j(q_i^h . k^h / sqrt(d))_j`` -- the attention it
+    receives, averaged over the sequence's queries and *summed* over the given heads (callers divide by the
+    total head count, after an all-reduce under tensor parallelism). Scores are computed in query chunks of at
+    most :data:`PROBE_BLOCK_ELEMENTS`, in float32."""
+    length, heads = query.shape[0], query.shape[1]
+    keys = key.float().permute(1, 2, 0)  # [h, d, L]
+    total = torch.zeros(length, dtype=torch.float32, device=query.device)
+    chunk = max(1, PROBE_BLOCK_ELEMENTS // (heads * length))
+    for first in range(0, length, chunk):
+        queries = query[first:first + chunk].float().transpose(0, 1)  # [h, c, d]
+        scores = torch.bmm(queries, keys) * scale  # [h, c, L]
+        total += torch.softmax(scores, dim=-1).sum(dim=(0, 1))
+    return total / length
+
+
 class ClsAttentionProbe:
     """[CLS] attention of a CLIP tower's feature layer, read off vLLM's own forward pass.
 
@@ -208,10 +233,10 @@ class ClsAttentionProbe:
             return
         started = time.perf_counter()
         qkv = output[0] if isinstance(output, tuple) else output  # [B, S, 3 * local_dim]
-        self._captured.append(self._cls_attention(qkv))
+        self._captured.append(self.scores(qkv))
         self.seconds += time.perf_counter() - started
 
-    def _cls_attention(self, qkv: Tensor) -> Tensor:
+    def scores(self, qkv: Tensor) -> Tensor:
         attention = self._attention
         heads, head_dim = attention.num_heads_per_partition, attention.head_dim
         batch, seq_len = qkv.shape[0], qkv.shape[1]
@@ -235,3 +260,42 @@ class ClsAttentionProbe:
             yield captured
         finally:
             self._captured = None
+
+
+class MeanAttentionProbe(ClsAttentionProbe):
+    """Mean attention each token *receives* at a tower's feature layer, for towers without a [CLS] token
+    (SigLIP): ``A_j = 1/H sum_h 1/S sum_i softmax_j(q_i^h . k^h / sqrt(d))_j`` over the ``S`` tokens of one view,
+    ``[B, S]``. Read off the same ``qkv_proj`` hook as :class:`ClsAttentionProbe` (the backend is untouched),
+    computed per view in query chunks (:func:`mean_received_attention`), never as a whole ``S x S`` matrix."""
+
+    @classmethod
+    def for_siglip_tower(cls, vision_tower: torch.nn.Module) -> MeanAttentionProbe | None:
+        from vllm.model_executor.models.siglip import SiglipVisionModel
+
+        if not isinstance(vision_tower, SiglipVisionModel):
+            return None
+        return cls(vision_tower.vision_model.encoder.layers[-1].self_attn)
+
+    def scores(self, qkv: Tensor) -> Tensor:
+        attention = self._attention
+        heads, head_dim = attention.num_heads_per_partition, attention.head_dim
+        batch, seq_len = qkv.shape[0], qkv.shape[1]
+        query, key, _ = qkv.chunk(3, dim=-1)
+        summed = torch.stack([
+            mean_received_attention(
+                query[view].reshape(seq_len, heads, head_dim), key[view].reshape(seq_len, heads, head_dim),
+                attention.scale,
+            )
+            for view in range(batch)
+        ])  # [B, S], summed over this rank's heads
+        if attention.tp_size > 1:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            summed = tensor_model_parallel_all_reduce(summed)
+        return summed / attention.num_heads
+
+
+def tower_attention_probe(vision_tower: torch.nn.Module) -> ClsAttentionProbe | None:
+    """The attention probe of a LLaVA-family tower: [CLS] attention for CLIP, mean received attention for
+    SigLIP; ``None`` for any other tower (selection then runs without attention)."""
+    return ClsAttentionProbe.for_clip_tower(vision_tower) or MeanAttentionProbe.for_siglip_tower(vision_tower)

@@ -60,7 +60,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from textscythe_vllm import LOGGER_NAME, metrics
 from textscythe_vllm.processing import PruningProcessorMixin, plan_field, with_plugin_context
-from textscythe_vllm.pruning import decode_plans, prune_items_with_positions
+from textscythe_vllm.pruning import decode_plans, mean_received_attention, prune_items_with_positions
 from textscythe_vllm.request import BUDGET_FIELD, PruningRequest, PruningRequestError
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -71,8 +71,6 @@ MODALITIES = ("image", "video")
 POSITION_DIGITS = 3
 POSITION_CHANNELS = 3 * POSITION_DIGITS
 _DIGIT_BASE = 256
-#: Elements of one ``[heads, queries, keys]`` score block in the attention probe (fp32: 64 MiB).
-_PROBE_BLOCK_ELEMENTS = 1 << 24
 
 
 def grid_positions(t: int, h: int, w: int, t_factor: float) -> np.ndarray:
@@ -187,14 +185,9 @@ class VisionAttentionProbe:
         received = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
         start = 0
         for length in self._segments:
-            keys = key[start:start + length].permute(1, 2, 0)  # [h, d, L]
-            total = torch.zeros(length, dtype=torch.float32, device=query.device)
-            chunk = max(1, _PROBE_BLOCK_ELEMENTS // (self.local_heads * length))
-            for first in range(0, length, chunk):
-                queries = query[start + first:start + min(first + chunk, length)].transpose(0, 1)  # [h, c, d]
-                scores = torch.bmm(queries, keys) * self.scale  # [h, c, L]
-                total += torch.softmax(scores, dim=-1).sum(dim=(0, 1))
-            received[start:start + length] = total / length
+            received[start:start + length] = mean_received_attention(
+                query[start:start + length], key[start:start + length], self.scale
+            )
             start += length
         if self.tp_size > 1:
             from vllm.distributed import tensor_model_parallel_all_reduce

@@ -32,7 +32,7 @@ import argparse
 import json
 from pathlib import Path
 
-from textscythe_vllm.testing.tiny_models import _DIGITS, _PUNCTUATION, _WORDS
+from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, word_vocabulary
 
 UNK_TOKEN = "<unk>"
 ENDOFTEXT = "<|endoftext|>"
@@ -80,42 +80,20 @@ CHAT_TEMPLATE = (
 
 
 def vocabulary() -> dict[str, int]:
-    vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *_PUNCTUATION, *_DIGITS, "user", "assistant", "system", *_WORDS):
-        vocab.setdefault(token, len(vocab))
-    return vocab
+    return word_vocabulary(SPECIAL_TOKENS)
 
 
 def build_tiny_qwen_tokenizer():
     """A ``PreTrainedTokenizerFast`` with Qwen2.5-VL's special tokens and chat format (word-level, lower-cased)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = vocabulary()
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token=UNK_TOKEN,
+    return build_word_tokenizer(
+        SPECIAL_TOKENS,
+        chat_template=CHAT_TEMPLATE,
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
         # as in Qwen's own tokenizer, every control token is special (``all_special_ids``)
         extra_special_tokens=[IM_START, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD],
         model_max_length=MAX_POSITION_EMBEDDINGS,
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
     )
-    for token in SPECIAL_TOKENS:
-        assert tokenizer.convert_tokens_to_ids(token) == vocab[token], token
-    return tokenizer
 
 
 def build_config(vocab_size: int, dtype: str = "float32"):

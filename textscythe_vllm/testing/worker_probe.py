@@ -42,3 +42,14 @@ def probe_llava(model: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]
                 "rows": rows[0].float().cpu().tolist(),
             })
     return results
+
+
+def probe_tower_attention(model: Any, pixel_values: Any) -> list[list[float]]:
+    """The per-view attention the plugin's tower probe reads (``[views, S]``) for stacked views ``[V, 3, H, W]``,
+    running the model's own vision tower (tests of the SigLIP mean-attention probe)."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode(), model.tower_attention.capture() as captured:
+        model.vision_tower(pixel_values.to(device), feature_select_strategy=model.config.vision_feature_select_strategy)
+    return captured[-1].float().cpu().tolist()

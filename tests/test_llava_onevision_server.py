@@ -1,0 +1,205 @@
+"""Real ``vllm serve`` with the plugin on a tiny LLaVA-OneVision (SigLIP tower, real any-resolution grid with
+``anyres_max_9``, pooled video frames; dummy weights), driven through the ``openai`` SDK, with chunked prefill
+(``--max-num-batched-tokens 512``): images of several sizes, videos, several images and videos in one request,
+bad values, newline rows never kept, and -- against a stock ``vllm serve`` (``VLLM_PLUGINS=``) on the same
+dummy weights -- requests without a budget identical token for token, with identical log-probabilities."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import torch
+
+from textscythe_vllm.pruning import SELECTION_LOG_ENV
+from textscythe_vllm.testing import tiny_onevision
+from textscythe_vllm.testing.images import data_url, scene
+from textscythe_vllm.testing.server import VLLMServer
+
+pytestmark = pytest.mark.server
+
+QUESTION = "what is the dog doing next to the red car ?"
+SERVER_ARGS = ["--load-format", "dummy", "--seed", "0", "--max-model-len", "20000", "--max-num-batched-tokens", "512",
+               "--limit-mm-per-prompt", '{"image": 3, "video": 2}']
+# (width, height): a single 384 px view + tiles, a wide image, and one beyond 9 views' worth (down-sampled tiles)
+SIZES = {"small": (336, 336), "wide": (800, 400), "large": (1600, 1200)}
+
+
+def video_url(seed: int, num_frames: int = 4) -> str:
+    from test_qwen2_5_vl_server import video_data_url
+
+    return video_data_url(seed, num_frames=num_frames, width=168, height=112)
+
+
+def message(text: str, images=(), videos=()) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_onevision.build_tiny_onevision(tmp_path_factory.mktemp("tiny-onevision"))
+
+
+@pytest.fixture(scope="module")
+def hf_processor(model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def selection_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("selections") / "selections.jsonl"
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, selection_log, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "vllm-onevision.log"
+    with VLLMServer(model_dir, SERVER_ARGS, env={SELECTION_LOG_ENV: str(selection_log)}, log_path=log,
+                    served_model_name="tiny-onevision") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def chat(client, model, messages, budget=None, max_tokens=3, **extra):
+    body = dict(extra)
+    if budget is not None:
+        body["visual_token_budget"] = budget
+    return client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0.0, extra_body=body or None,
+        logprobs=True,
+    )
+
+
+def tokens(client, server, messages, budget=None, **extra) -> int:
+    return chat(client, server.model_name, messages, budget, **extra).usage.prompt_tokens
+
+
+def hf_image_tokens(hf_processor, image) -> int:
+    """Visual tokens of one image according to the HF processor (independent of vLLM)."""
+    ids = hf_processor(text="<image>", images=[image], return_tensors="pt")["input_ids"]
+    return int((ids == tiny_onevision.vocabulary()["<image>"]).sum())
+
+
+def read_selections(path, start: int) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[start:]] if path.exists() else []
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_image_budgets_change_prompt_tokens_exactly(client, server, hf_processor, name):
+    image = scene(11, *SIZES[name])
+    messages = [message(QUESTION, images=[image])]
+    full = tokens(client, server, messages)
+    image_tokens = hf_image_tokens(hf_processor, image)
+    text_tokens = full - image_tokens
+    assert 10 < text_tokens < 30  # the HF processor's count is the one vLLM serves without a budget
+    for budget in (1, 64, 729, image_tokens - 1):
+        assert tokens(client, server, messages, budget) == text_tokens + budget
+    for budget in (image_tokens, 100_000):
+        assert tokens(client, server, messages, budget) == full
+
+
+def test_video_budget_counts_the_whole_video(client, server):
+    messages = [message(QUESTION, videos=[video_url(3)])]
+    full = tokens(client, server, messages)
+    video_tokens = 4 * tiny_onevision.TOKENS_PER_FRAME + 1  # 4 pooled frames + the newline row
+    for budget in (1, 100, 300, video_tokens - 1):
+        assert tokens(client, server, messages, budget) == full - video_tokens + budget
+    assert tokens(client, server, messages, video_tokens) == full
+
+
+def test_images_and_videos_in_one_request_budget_per_item(client, server, hf_processor):
+    small, large = scene(21, *SIZES["small"]), scene(22, *SIZES["large"])
+    counts = [hf_image_tokens(hf_processor, small), hf_image_tokens(hf_processor, large),
+              4 * tiny_onevision.TOKENS_PER_FRAME + 1]
+    messages = [message(QUESTION, images=[small, large], videos=[video_url(4)])]
+    full = tokens(client, server, messages)
+    for budget in (16, 800, 2000):
+        removed = sum(count - min(budget, count) for count in counts)
+        assert tokens(client, server, messages, budget) == full - removed
+    for selector in ("textscythe", "cls_attention", "divprune", "visionzip", "uniform"):
+        assert tokens(client, server, messages, 32, visual_token_selector=selector) == full - sum(counts) + 3 * 32
+    assert server.alive()
+
+
+def test_newline_rows_are_never_kept(client, server, hf_processor, selection_log):
+    from types import SimpleNamespace
+
+    from textscythe_vllm.models.llava_onevision import image_layout
+
+    config = tiny_onevision.build_config(len(tiny_onevision.vocabulary()))
+    start = len(read_selections(selection_log, 0))
+    image = scene(31, *SIZES["wide"])
+    processed = hf_processor(text="<image>", images=[image], return_tensors="pt")
+    _, is_content = image_layout(SimpleNamespace(config=config), processed["image_sizes"][0],
+                                 torch.zeros(processed["pixel_values"].shape[1], tiny_onevision.TOKENS_PER_VIEW))
+    content = int(is_content.sum())
+    for budget in (200, content):  # up to every content row: still no newline row
+        chat(client, server.model_name, [message(QUESTION, images=[image])], budget,
+             visual_token_selector="cls_attention")
+    chat(client, server.model_name, [message(QUESTION, videos=[video_url(5)])], 4 * tiny_onevision.TOKENS_PER_FRAME)
+    records = read_selections(selection_log, start)
+    assert [record["budget"] for record in records] == [200, content, 4 * tiny_onevision.TOKENS_PER_FRAME]
+    newline_positions = set((~is_content).nonzero().squeeze(1).tolist())
+    assert len(newline_positions) > 10
+    for record in records[:2]:
+        assert record["num_tokens"] == is_content.shape[0]
+        assert not newline_positions & set(record["kept_positions"])
+    video = records[2]
+    assert video["kept_positions"] == list(range(4 * tiny_onevision.TOKENS_PER_FRAME))  # all frames, no newline
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("visual_token_budget", 0), ("visual_token_budget", -3), ("visual_token_budget", 1.5),
+     ("visual_token_budget", "64"), ("visual_token_budget", True), ("visual_token_selector", "nope")],
+)
+def test_bad_values_are_400(client, server, field, value):
+    body = {field: value}
+    if field == "visual_token_selector":
+        body["visual_token_budget"] = 8
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=server.model_name, max_tokens=2, extra_body=body,
+            messages=[message(QUESTION, images=[scene(41, 336, 336)], videos=[video_url(6)])],
+        )
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == field
+    assert server.alive()
+
+
+NO_BUDGET_CASES = {
+    "small": lambda: [message(QUESTION, images=[scene(51, *SIZES["small"])])],
+    "large": lambda: [message(QUESTION, images=[scene(52, *SIZES["large"])])],
+    "video": lambda: [message(QUESTION, videos=[video_url(7)])],
+    "mixed": lambda: [message(QUESTION, images=[scene(53, *SIZES["wide"]), scene(54, 500, 900)],
+                              videos=[video_url(8)])],
+}
+
+
+def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_path_factory):
+    conversations = {name: build() for name, build in NO_BUDGET_CASES.items()}
+    ours = {name: chat(client, server.model_name, messages, max_tokens=8) for name, messages in conversations.items()}
+    log = tmp_path_factory.mktemp("logs") / "vllm-onevision-stock.log"
+    with VLLMServer(model_dir, SERVER_ARGS, env={"VLLM_PLUGINS": ""}, log_path=log, with_middleware=False,
+                    served_model_name="tiny-onevision") as stock:
+        stock_client = openai.OpenAI(base_url=f"{stock.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        theirs = {name: chat(stock_client, stock.model_name, messages, max_tokens=8)
+                  for name, messages in conversations.items()}
+        assert "visual token pruning enabled" not in log.read_text()  # really stock: the plugin did not load
+    for name in conversations:
+        assert ours[name].usage.prompt_tokens == theirs[name].usage.prompt_tokens, name
+        mine = [(t.token, t.logprob) for t in ours[name].choices[0].logprobs.content]
+        stock_tokens = [(t.token, t.logprob) for t in theirs[name].choices[0].logprobs.content]
+        assert [token for token, _ in mine] == [token for token, _ in stock_tokens], name
+        assert [logprob for _, logprob in mine] == pytest.approx([logprob for _, logprob in stock_tokens], abs=1e-4)
+    # the comparison can fail: a pruned request differs from the stock output
+    pruned = chat(client, server.model_name, conversations["large"], 16, max_tokens=8)
+    assert pruned.usage.prompt_tokens < ours["large"].usage.prompt_tokens

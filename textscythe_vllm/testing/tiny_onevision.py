@@ -1,0 +1,188 @@
+"""Tiny LLaVA-OneVision-shaped checkpoints, built locally, that vLLM serves on CPU.
+
+The checkpoint keeps what matters for visual-token pruning in LLaVA-OneVision (``llava-hf/llava-onevision-qwen2-*``):
+a SigLIP-style tower without [CLS] (384 px, 14 px patches: 27 x 27 = 729 tokens per view, ``"full"`` feature
+strategy, last layer), the real any-resolution grid (36 pinpoints, 384 to 2,304 px a side) with
+``anyres_max_9`` (tiles beyond 9 views' worth are bilinearly down-sampled) and one ``image_newline`` row per tile
+row, videos as 2x bilinear-pooled frames (14 x 14 = 196 tokens each) plus one trailing newline row, and a Qwen2
+LLM -- at a tiny width and depth (tower: 2 layers of width 64; LLM: 2 layers of width 128, 2 heads of 64).
+
+``with_weights=False`` writes config, tokenizer and processor only (serve with ``--load-format dummy``);
+``with_weights=True`` also saves random, seeded float32 weights. Nothing is downloaded. The tokenizer is the
+word-level vocabulary of :mod:`textscythe_vllm.testing.word_tokenizer` with Qwen's turn tokens plus ``<image>``
+and ``<video>``; the chat template renders (images and videos where they appear in the content)::
+
+    <|im_start|>user
+    <image>
+    what is this ?<|im_end|>
+    <|im_start|>assistant
+
+Command line::
+
+    python -m textscythe_vllm.testing.tiny_onevision PATH [--with-weights]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, word_vocabulary
+
+UNK_TOKEN = "<unk>"
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+# Order fixes the ids: <unk>=0, <|endoftext|>=1, <|im_start|>=2, <|im_end|>=3, <image>=4, <video>=5.
+SPECIAL_TOKENS = (UNK_TOKEN, ENDOFTEXT, IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN)
+
+IMAGE_SIZE = 384
+PATCH_SIZE = 14
+TOKENS_PER_VIEW = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 729
+TOKENS_PER_FRAME = ((IMAGE_SIZE // PATCH_SIZE + 1) // 2) ** 2  # 196 after 2x pooling
+# llava-hf/llava-onevision-qwen2-*: every (height, width) of 1..6 tiles of 384 px.
+GRID_PINPOINTS = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in range(1, 7) for cols in range(1, 7)]
+MAX_POSITION_EMBEDDINGS = 32768
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ['image', 'image_url', 'image_pil'] -%}"
+    "{{- '<image>\\n' -}}"
+    "{%- elif part['type'] in ['video', 'video_url'] -%}"
+    "{{- '<video>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+
+def vocabulary() -> dict[str, int]:
+    return word_vocabulary(SPECIAL_TOKENS)
+
+
+def build_tokenizer():
+    return build_word_tokenizer(
+        SPECIAL_TOKENS,
+        chat_template=CHAT_TEMPLATE,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        extra_special_tokens={"image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN},
+        model_max_length=MAX_POSITION_EMBEDDINGS,
+    )
+
+
+def build_config(vocab_size: int, dtype: str = "float32"):
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vocab = vocabulary()
+    text_config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        bos_token_id=vocab[ENDOFTEXT], eos_token_id=vocab[IM_END], pad_token_id=vocab[ENDOFTEXT],
+        tie_word_embeddings=False, dtype=dtype,
+    )
+    vision_config = SiglipVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, dtype=dtype,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config, text_config=text_config,
+        image_token_index=vocab[IMAGE_TOKEN], video_token_index=vocab[VIDEO_TOKEN],
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_grid_pinpoints=[list(p) for p in GRID_PINPOINTS], vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlavaOnevisionForConditionalGeneration"]
+    config.dtype = dtype
+    return config
+
+
+def build_processor(tokenizer):
+    from transformers import (
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=[list(p) for p in GRID_PINPOINTS])
+    video_processor = LlavaOnevisionVideoProcessor(size=size)
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        num_image_tokens=TOKENS_PER_VIEW, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN, vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def _rename_tower_keys(path: Path) -> None:
+    """transformers 5 writes the tower without its ``vision_model.`` level; vLLM expects it (see
+    :func:`textscythe_vllm.testing.tiny_models.vllm_weight_name`)."""
+    from safetensors.torch import load_file, save_file
+
+    from textscythe_vllm.testing.tiny_models import vllm_weight_name
+
+    (weights,) = sorted(path.glob("*.safetensors"))
+    tensors = load_file(weights)
+    save_file({vllm_weight_name(k): v.contiguous() for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+
+
+def build_tiny_onevision(
+    path: str | Path, *, with_weights: bool = False, seed: int = 0, dtype: str = "float32"
+) -> Path:
+    """Write a tiny LLaVA-OneVision checkpoint directory to ``path`` and return it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = build_config(len(tokenizer), dtype)
+    processor = build_processor(tokenizer)
+    for stale in path.glob("*.safetensors"):
+        stale.unlink()
+    if with_weights:
+        import torch
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        with torch.no_grad():  # seeded, not left to the initialiser
+            model.model.image_newline.normal_(0.0, config.text_config.hidden_size**-0.5)
+        model.save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
+        _rename_tower_keys(path)
+    else:
+        config.save_pretrained(path)
+    processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with open(path / "textscythe_tiny_model.json", "w") as f:
+        json.dump({"kind": "llava-onevision", "with_weights": with_weights, "seed": seed, "dtype": dtype}, f,
+                  indent=2)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m textscythe_vllm.testing.tiny_onevision")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--with-weights", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = build_tiny_onevision(args.path, with_weights=args.with_weights, seed=args.seed)
+    load = "" if args.with_weights else " --load-format dummy"
+    print(f"wrote tiny LLaVA-OneVision to {out} (serve: vllm serve {out}{load} --enforce-eager)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
