@@ -203,3 +203,28 @@ def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_
     # the comparison can fail: a pruned request differs from the stock output
     pruned = chat(client, server.model_name, conversations["large"], 16, max_tokens=8)
     assert pruned.usage.prompt_tokens < ours["large"].usage.prompt_tokens
+
+
+def _token_counters(server) -> tuple[float, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals = {"textscythe_visual_tokens_before": 0.0, "textscythe_visual_tokens_after": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.removesuffix("_total") in totals:
+                totals[sample.name.removesuffix("_total")] += sample.value
+    return totals["textscythe_visual_tokens_before"], totals["textscythe_visual_tokens_after"]
+
+
+def test_metrics_count_image_and_video_tokens_before_and_after(client, server, hf_processor):
+    image = scene(61, *SIZES["wide"])
+    counts = [hf_image_tokens(hf_processor, image), 4 * tiny_onevision.TOKENS_PER_FRAME + 1]
+    before, after = _token_counters(server)
+    chat(client, server.model_name, [message(QUESTION, images=[image], videos=[video_url(9)])], 100)
+    new_before, new_after = _token_counters(server)
+    assert new_before - before == sum(counts)
+    assert new_after - after == 2 * 100
