@@ -15,7 +15,12 @@ import torch
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.testing import tiny_onevision
 from textscythe_vllm.testing.images import data_url, scene
-from textscythe_vllm.testing.server import VLLMServer
+from textscythe_vllm.testing.server import (
+    VLLMServer,
+    assert_same_outputs,
+    greedy_with_logprobs,
+    stock_outputs,
+)
 
 pytestmark = pytest.mark.server
 
@@ -186,23 +191,14 @@ NO_BUDGET_CASES = {
 
 def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_path_factory):
     conversations = {name: build() for name, build in NO_BUDGET_CASES.items()}
-    ours = {name: chat(client, server.model_name, messages, max_tokens=8) for name, messages in conversations.items()}
-    log = tmp_path_factory.mktemp("logs") / "vllm-onevision-stock.log"
-    with VLLMServer(model_dir, SERVER_ARGS, env={"VLLM_PLUGINS": ""}, log_path=log, with_middleware=False,
-                    served_model_name="tiny-onevision") as stock:
-        stock_client = openai.OpenAI(base_url=f"{stock.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
-        theirs = {name: chat(stock_client, stock.model_name, messages, max_tokens=8)
-                  for name, messages in conversations.items()}
-        assert "visual token pruning enabled" not in log.read_text()  # really stock: the plugin did not load
+    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
+    theirs = stock_outputs(model_dir, SERVER_ARGS, conversations, tmp_path_factory.mktemp("logs") / "stock.log")
     for name in conversations:
-        assert ours[name].usage.prompt_tokens == theirs[name].usage.prompt_tokens, name
-        mine = [(t.token, t.logprob) for t in ours[name].choices[0].logprobs.content]
-        stock_tokens = [(t.token, t.logprob) for t in theirs[name].choices[0].logprobs.content]
-        assert [token for token, _ in mine] == [token for token, _ in stock_tokens], name
-        assert [logprob for _, logprob in mine] == pytest.approx([logprob for _, logprob in stock_tokens], abs=1e-4)
+        assert_same_outputs(ours[name], theirs[name])
     # the comparison can fail: a pruned request differs from the stock output
-    pruned = chat(client, server.model_name, conversations["large"], 16, max_tokens=8)
-    assert pruned.usage.prompt_tokens < ours["large"].usage.prompt_tokens
+    pruned = greedy_with_logprobs(client, server.model_name, conversations["large"], visual_token_budget=16)
+    with pytest.raises(AssertionError):
+        assert_same_outputs(pruned, theirs["large"])
 
 
 def _token_counters(server) -> tuple[float, float]:

@@ -6,16 +6,22 @@ import openai
 import pytest
 
 from textscythe_vllm.testing.images import scene, user_message
-from textscythe_vllm.testing.server import VLLMServer
+from textscythe_vllm.testing.server import (
+    VLLMServer,
+    assert_same_outputs,
+    greedy_with_logprobs,
+    stock_outputs,
+)
 
 pytestmark = pytest.mark.server
 QUESTION = "what colour is the umbrella ?"
+SERVER_ARGS = ["--load-format", "dummy", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llava_next_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "vllm-llava-next.log"
-    with VLLMServer(tiny_llava_next_dir, ["--load-format", "dummy", "--seed", "0"], log_path=log,
+    with VLLMServer(tiny_llava_next_dir, SERVER_ARGS, log_path=log,
                     served_model_name="tiny-llava-next") as running:
         yield running
 
@@ -63,3 +69,19 @@ def test_bad_budget_is_400_and_server_lives(client, server):
         prompt_tokens(client, server, [user_message(QUESTION, scene(13))], -5)
     assert caught.value.body["param"] == "visual_token_budget"
     assert server.alive()
+
+
+def test_no_budget_is_stock_vllm_token_for_token(client, server, tiny_llava_next_dir, tmp_path_factory):
+    conversations = {
+        "square": [user_message(QUESTION, scene(21, 336, 336))],
+        "wide": [user_message(QUESTION, scene(22, 672, 336))],
+        "large": [user_message(QUESTION, scene(23, 672, 672))],
+    }
+    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
+    theirs = stock_outputs(tiny_llava_next_dir, SERVER_ARGS, conversations,
+                           tmp_path_factory.mktemp("logs") / "stock-next.log")
+    for name in conversations:
+        assert_same_outputs(ours[name], theirs[name])
+    pruned = greedy_with_logprobs(client, server.model_name, conversations["large"], visual_token_budget=64)
+    with pytest.raises(AssertionError):  # the comparison can fail
+        assert_same_outputs(pruned, theirs["large"])

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 MIDDLEWARE = "textscythe_vllm.middleware.VisualTokenBudgetMiddleware"
 
@@ -127,3 +128,38 @@ class VLLMServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
         finally:
             self.process = None
+
+
+def greedy_with_logprobs(client: Any, model: str, messages: list[dict[str, Any]], max_tokens: int = 8,
+                         **extra_body: Any) -> tuple[int, list[tuple[str, float]]]:
+    """``(usage.prompt_tokens, [(token, logprob), ...])`` of a greedy chat completion."""
+    response = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0.0, logprobs=True,
+        extra_body=extra_body or None,
+    )
+    return response.usage.prompt_tokens, [(t.token, t.logprob) for t in response.choices[0].logprobs.content]
+
+
+def stock_outputs(model: str | Path, extra_args: Sequence[str], conversations: Mapping[str, list[dict[str, Any]]],
+                  log_path: str | Path, max_tokens: int = 8) -> dict[str, tuple[int, list[tuple[str, float]]]]:
+    """Start *stock* ``vllm serve`` (``VLLM_PLUGINS=``, no middleware) on ``model`` and return
+    :func:`greedy_with_logprobs` for every conversation; raises if the plugin loaded anyway."""
+    import openai
+
+    with VLLMServer(model, extra_args, env={"VLLM_PLUGINS": ""}, log_path=log_path, with_middleware=False,
+                    served_model_name="stock") as stock:
+        client = openai.OpenAI(base_url=f"{stock.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        outputs = {name: greedy_with_logprobs(client, stock.model_name, messages, max_tokens)
+                   for name, messages in conversations.items()}
+        if "visual token pruning enabled" in Path(log_path).read_text():
+            raise RuntimeError("the plugin loaded in the stock server")
+    return outputs
+
+
+def assert_same_outputs(ours: tuple[int, list[tuple[str, float]]], theirs: tuple[int, list[tuple[str, float]]],
+                        logprob_tolerance: float = 1e-4) -> None:
+    """Same prompt tokens, same greedy tokens, log-probabilities within ``logprob_tolerance``."""
+    assert ours[0] == theirs[0], f"prompt tokens {ours[0]} != {theirs[0]}"
+    assert [token for token, _ in ours[1]] == [token for token, _ in theirs[1]]
+    for (_, mine), (_, stock) in zip(ours[1], theirs[1], strict=True):
+        assert abs(mine - stock) <= logprob_tolerance, (mine, stock)
