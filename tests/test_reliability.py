@@ -104,8 +104,9 @@ class TestLoadAndDisconnects:
         with VLLMServer(
             tiny_llava_weights_dir,
             # The API-server/engine multimodal *processor* cache is off: under this load vLLM 0.32 once reported
-            # "P0/P1 cache drift" and answered 500 for 1 of 480 requests (a budget-1000, i.e. unpruned, item).
-            # Still open (see the issue note); the encoder cache and the prefix cache stay on and are tested here.
+            # "P0/P1 cache drift" and answered 500 for 1 of 480 requests (a budget-1000, i.e. unpruned, item) --
+            # vLLM's own retryable cache-drift path (see docs/operations.md, "Limits"). The encoder cache and the
+            # prefix cache stay on and are tested here.
             ["--dtype", "float32", "--enable-prefix-caching", "--max-num-seqs", str(CONCURRENCY), "--seed", "0",
              "--mm-processor-cache-gb", "0"],
             env={"VLLM_SERVER_DEV_MODE": "1"},  # /reset_prefix_cache, /reset_mm_cache, /reset_encoder_cache
