@@ -14,12 +14,13 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from textscythe_vllm import LOGGER_NAME, metrics
-from textscythe_vllm.processing import ImagePlan
+from textscythe_vllm.processing import ImagePlan, plan_field
 from textscythe_vllm.selectors import TokenSelector, get_selector
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -177,6 +178,45 @@ def prune_items_with_positions(
             item, attention[index], text, plan, None if candidates is None else candidates[index], share
         ))
     return pruned
+
+
+class ModalityPruningMixin:
+    """``embed_multimodal`` for a model that prunes several modalities (put in front of vLLM's model class).
+
+    Pops each modality's plan field, parses the inputs with the model's own
+    ``_parse_and_validate_multimodal_inputs`` (whose order -- the kwargs order -- is the order vLLM expects the
+    items in), and hands each modality with plans to ``_embed_items``; a batch without any budget takes the parent
+    class's path unchanged. Subclasses define ``_num_items`` and ``_embed_items``.
+    """
+
+    pruned_modalities: tuple[str, ...] = ("image",)
+
+    def _pruning_enabled(self) -> bool:
+        return True
+
+    def _num_items(self, modality: str, modality_input: Any) -> int:
+        raise NotImplementedError
+
+    def _embed_items(self, modality: str, modality_input: Any, plans: list[ImagePlan] | None) -> list[Tensor]:
+        raise NotImplementedError
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        packed = {modality: kwargs.pop(plan_field(modality), None) for modality in self.pruned_modalities}
+        if not self._pruning_enabled():
+            return super().embed_multimodal(**kwargs)  # type: ignore[misc]
+        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)  # type: ignore[attr-defined]
+        plans = {
+            modality: decode_plans(packed.get(modality), self._num_items(modality, modality_input))
+            for modality, modality_input in inputs.items()
+            if modality_input is not None
+        }
+        if not any(modality_plans is not None for modality_plans in plans.values()):
+            return super().embed_multimodal(**kwargs)  # type: ignore[misc]
+        embeddings: tuple[Tensor, ...] = ()
+        for modality, modality_input in inputs.items():
+            if modality_input is not None:
+                embeddings += tuple(self._embed_items(modality, modality_input, plans.get(modality)))
+        return embeddings
 
 
 #: Elements of one ``[heads, queries, keys]`` score block when attention is averaged over all queries (fp32:

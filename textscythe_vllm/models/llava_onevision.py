@@ -36,8 +36,8 @@ from vllm.model_executor.models.llava_onevision import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from textscythe_vllm import LOGGER_NAME, metrics
-from textscythe_vllm.processing import PruningProcessorMixin, plan_field, with_plugin_context
-from textscythe_vllm.pruning import decode_plans, prune_items, tower_attention_probe
+from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
+from textscythe_vllm.pruning import ModalityPruningMixin, prune_items, tower_attention_probe
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -103,29 +103,15 @@ class TextScytheLlavaOnevisionMultiModalProcessor(PruningProcessorMixin, LlavaOn
     info=with_plugin_context(LlavaOnevisionProcessingInfo),
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
-class TextScytheLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+class TextScytheLlavaOnevisionForConditionalGeneration(ModalityPruningMixin, LlavaOnevisionForConditionalGeneration):
+    pruned_modalities = MODALITIES
+
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tower_attention = tower_attention_probe(self.vision_tower)
         metrics.setup_worker_metrics(vllm_config.model_config.served_model_name)
 
-    def embed_multimodal(self, **kwargs: object) -> Any:
-        packed = {modality: kwargs.pop(plan_field(modality), None) for modality in MODALITIES}
-        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
-        plans = {}
-        for modality, modality_input in inputs.items():
-            if modality_input is not None:
-                plans[modality] = decode_plans(packed[modality], self._num_items(modality, modality_input))
-        if not any(modality_plans is not None for modality_plans in plans.values()):
-            return super().embed_multimodal(**kwargs)
-        embeddings: tuple[Tensor, ...] = ()
-        for modality, modality_input in inputs.items():  # kwargs order, as the parent class keeps it
-            if modality_input is not None:
-                embeddings += tuple(self._embed_items(modality, modality_input, plans.get(modality)))
-        return embeddings
-
-    @staticmethod
-    def _num_items(modality: str, modality_input: Any) -> int:
+    def _num_items(self, modality: str, modality_input: Any) -> int:
         key = {"pixel_values": "pixel_values", "image_embeds": "data", "pixel_values_videos": "pixel_values_videos"}
         return len(modality_input[key[modality_input["type"]]])
 

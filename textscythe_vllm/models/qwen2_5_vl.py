@@ -59,8 +59,8 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from textscythe_vllm import LOGGER_NAME, metrics
-from textscythe_vllm.processing import PruningProcessorMixin, plan_field, with_plugin_context
-from textscythe_vllm.pruning import decode_plans, mean_received_attention, prune_items_with_positions
+from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
+from textscythe_vllm.pruning import ModalityPruningMixin, mean_received_attention, prune_items_with_positions
 from textscythe_vllm.request import BUDGET_FIELD, PruningRequest, PruningRequestError
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -258,7 +258,9 @@ class TextScytheQwen2_5_VLMultiModalProcessor(PruningProcessorMixin, Qwen2_5_VLM
     info=with_plugin_context(Qwen2_5_VLProcessingInfo),
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
-class TextScytheQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class TextScytheQwen2_5_VLForConditionalGeneration(ModalityPruningMixin, Qwen2_5_VLForConditionalGeneration):
+    pruned_modalities = MODALITIES
+
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         # vLLM's EVS owns positions when it is on; this class then stays stock (the processor refuses budgets).
@@ -273,23 +275,11 @@ class TextScytheQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
 
     # -- encoder ------------------------------------------------------------------------------------------
 
-    def embed_multimodal(self, **kwargs: object) -> Any:
-        packed = {modality: kwargs.pop(plan_field(modality), None) for modality in MODALITIES}
-        if self._evs:
-            return super().embed_multimodal(**kwargs)
-        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
-        plans = {
-            modality: decode_plans(packed[modality], int(inputs[modality][f"{modality}_grid_thw"].shape[0]))
-            for modality in inputs
-            if inputs[modality] is not None
-        }
-        if not any(modality_plans is not None for modality_plans in plans.values()):
-            return super().embed_multimodal(**kwargs)
-        embeddings: tuple[Tensor, ...] = ()
-        for modality, modality_input in inputs.items():  # kwargs order, as the parent class keeps it
-            if modality_input is not None:
-                embeddings += tuple(self._embed_items(modality, modality_input, plans.get(modality)))
-        return embeddings
+    def _pruning_enabled(self) -> bool:
+        return not self._evs
+
+    def _num_items(self, modality: str, modality_input: Any) -> int:
+        return int(modality_input[f"{modality}_grid_thw"].shape[0])
 
     def _embed_items(self, modality: str, modality_input: Any, plans: Any) -> list[Tensor]:
         process = self._process_image_input if modality == "image" else self._process_video_input

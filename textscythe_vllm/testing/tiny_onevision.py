@@ -28,7 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
-from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, word_vocabulary
+from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
 
 UNK_TOKEN = "<unk>"
 ENDOFTEXT = "<|endoftext|>"
@@ -47,28 +47,7 @@ TOKENS_PER_FRAME = ((IMAGE_SIZE // PATCH_SIZE + 1) // 2) ** 2  # 196 after 2x po
 GRID_PINPOINTS = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in range(1, 7) for cols in range(1, 7)]
 MAX_POSITION_EMBEDDINGS = 32768
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ['image', 'image_url', 'image_pil'] -%}"
-    "{{- '<image>\\n' -}}"
-    "{%- elif part['type'] in ['video', 'video_url'] -%}"
-    "{{- '<video>\\n' -}}"
-    "{%- elif part['type'] == 'text' -%}"
-    "{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
+CHAT_TEMPLATE = im_chat_template(f"{IMAGE_TOKEN}\n", f"{VIDEO_TOKEN}\n")
 
 
 def vocabulary() -> dict[str, int]:

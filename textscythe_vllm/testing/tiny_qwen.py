@@ -32,7 +32,7 @@ import argparse
 import json
 from pathlib import Path
 
-from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, word_vocabulary
+from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
 
 UNK_TOKEN = "<unk>"
 ENDOFTEXT = "<|endoftext|>"
@@ -55,28 +55,7 @@ MAX_PIXELS = 336 * 336  # at most 24 x 24 patches = 144 visual tokens per image 
 MAX_POSITION_EMBEDDINGS = 8192
 TOKENS_PER_SECOND = 2
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ['image', 'image_url', 'image_pil'] -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] in ['video', 'video_url'] -%}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'text' -%}"
-    "{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
+CHAT_TEMPLATE = im_chat_template(VISION_START + IMAGE_PAD + VISION_END, VISION_START + VIDEO_PAD + VISION_END)
 
 
 def vocabulary() -> dict[str, int]:

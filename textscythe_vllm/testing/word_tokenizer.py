@@ -48,6 +48,38 @@ respond single phrase based provided
 WORDS = _WORD_TEXT.split()
 
 
+def im_chat_template(image_text: str, video_text: str) -> str:
+    """A Qwen-style (ChatML) chat template -- ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, then
+    ``<|im_start|>assistant\\n`` as the generation prompt -- rendering image and video content parts as
+    ``image_text`` / ``video_text`` where they appear (no default system prompt)."""
+
+    def literal(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
+    return (
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['content'] is string -%}"
+        "{{- message['content'] -}}"
+        "{%- else -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] in ['image', 'image_url', 'image_pil'] -%}"
+        f"{{{{- '{literal(image_text)}' -}}}}"
+        "{%- elif part['type'] in ['video', 'video_url'] -%}"
+        f"{{{{- '{literal(video_text)}' -}}}}"
+        "{%- elif part['type'] == 'text' -%}"
+        "{{- part['text'] -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\\n' -}}"
+        "{%- endif -%}"
+    )
+
+
 def word_vocabulary(special_tokens: Sequence[str]) -> dict[str, int]:
     """Token -> id: ``special_tokens`` first (in order), then punctuation, digits, role names and the words."""
     vocab: dict[str, int] = {}
