@@ -207,6 +207,22 @@ def test_matches_reference(case: Case) -> None:
         np.testing.assert_array_equal(out.info["relevant_mask"].numpy(), expected.relevant)
 
 
+@pytest.mark.parametrize("path", ["gram", "matvec"])
+def test_matches_reference_on_either_fill_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The diversity fill gets its similarities from one Gram GEMM or from one matrix-vector product per step,
+    by cost; pinned to either, every case still keeps exactly the reference's indices."""
+    import textscythe_vllm.selectors.base as base_module
+
+    if path == "gram":
+        monkeypatch.setattr(base_module, "GRAM_SPEEDUP", 10**9)
+        monkeypatch.setattr(base_module, "GRAM_MAX_ELEMENTS", 1 << 40)
+    else:
+        monkeypatch.setattr(base_module, "GRAM_MAX_ELEMENTS", 0)
+    for case in CASES:
+        if reference_for(case.seed).supplemented > 1:
+            assert _torch_select(case).indices.tolist() == reference_for(case.seed).indices.tolist(), case
+
+
 def test_cases_cover_both_branches() -> None:
     """The random cases must exercise truncation (step 6), pure supplementation and the mixed path."""
     results = [reference_for(c.seed) for c in CASES]

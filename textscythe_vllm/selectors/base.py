@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import operator
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -76,34 +77,106 @@ def stable_top_k(scores: Tensor, k: int) -> Tensor:
     return torch.sort(scores, descending=True, stable=True).indices[:k]
 
 
+#: :func:`greedy_diverse_fill` builds a Gram matrix of ``M`` rows when ``count * N * GRAM_SPEEDUP >= M * M``.
+#: One ``[M, D] x [D, M]`` GEMM does ``M * M / (count * N)`` times the multiply-adds of ``count``
+#: ``[N, D] @ [D]`` products, but a GEMM is compute-bound while each matrix-vector product re-reads the whole
+#: ``[N, D]`` matrix (memory-bound): on 2 AVX2 cores (MKL, float32, D = 4096) the GEMM does 6-10x more
+#: multiply-adds per second (docs/benchmarks.md, selector overhead), so at N = 576 the Gram wins from about
+#: 70 fill steps, at N = 2880 from about 360.
+GRAM_SPEEDUP = 8
+#: The largest Gram matrix (entries) a selector materialises: ``M <= 4096`` rows (64 MiB in float32; 33 MB at
+#: M = 2880, 1.3 MB at M = 576). Above it the matrix-vector loop runs.
+GRAM_MAX_ELEMENTS = 1 << 24
+
+
 def greedy_diverse_fill(
     unit_visual: Tensor,  # [N, D] L2-normalised rows
-    base_score: Tensor,  # [N] importance term, higher is better
+    base_score: Tensor,  # [N] importance term, higher is better (finite)
     candidates: Tensor,  # [N] bool, tokens that may be picked
     count: int,
+    *,
+    num_candidates: int | None = None,
 ) -> Tensor:
     """Pick ``count`` tokens greedily by ``base_score[j] - max_{k picked} cos(V_j, V_k)``.
 
     The first pick maximises ``base_score`` alone (the max over an empty set is not taken). Ties go to the
-    lower index (``torch.argmax`` returns the first maximum). Each step is one ``[N, D] @ [D]`` product; the
-    loop runs ``count`` times, stays on the device and never synchronises with the host.
-    Returns LongTensor ``[count]`` in pick order.
+    lower index (``torch.argmax`` returns the first maximum). ``count`` must not exceed the number of
+    candidates ``C = num_candidates``, which the caller should pass when it knows it (otherwise it is counted
+    here: one host sync, before the loop). Returns LongTensor ``[count]`` in pick order.
+
+    The loop (:func:`greedy_by_penalty_rows`) keeps the running minimum of ``base_score - cos(V, V_pick)``,
+    which is ``base_score - max cos`` bit for bit. The similarity rows come from one of two sources, whichever
+    costs less; the picks are the same up to the rounding of the similarities (GEMM and matrix-vector
+    products round differently), i.e. only ties closer than float precision can break differently:
+
+    * **Gram** (``count * N * GRAM_SPEEDUP >= M * M`` and ``M * M <= GRAM_MAX_ELEMENTS``): one
+      ``[M, D] x [D, M]`` GEMM, turned into ``base - cos`` in place; a step is then a row gather, a
+      ``minimum`` and an ``argmax`` over ``[M]``. ``M = C`` (the candidate rows, gathered first) when that at
+      least halves the GEMM, else ``M = N`` (no ``[C, D]`` copy; non-candidates score ``-inf``). Extra
+      memory: ``M * M`` scores.
+    * **matrix-vector**: one ``[N, D] @ [D]`` product per step into a preallocated buffer (the arithmetic of
+      the original loop, so its picks are bit-identical to it); no extra memory.
     """
-    device = unit_visual.device
-    picked = torch.empty(count, dtype=torch.long, device=device)
+    if count == 0:
+        return torch.empty(0, dtype=torch.long, device=unit_visual.device)
+    num_tokens = base_score.shape[0]
+    if num_candidates is None:
+        num_candidates = int(candidates.sum())
+    subset = 2 * num_candidates * num_candidates < num_tokens * num_tokens  # the candidates' Gram is < half
+    size = num_candidates if subset else num_tokens
+    if count > 1 and size * size <= GRAM_MAX_ELEMENTS and count * num_tokens * GRAM_SPEEDUP >= size * size:
+        positions = positions_where_false(~candidates, num_candidates) if subset else None  # [C] ascending
+        if positions is not None:
+            rows, base = unit_visual.index_select(0, positions), base_score.index_select(0, positions)
+        else:
+            rows, base = unit_visual, torch.where(candidates, base_score, -math.inf)
+        penalty = rows @ rows.T  # [M, M] cosine similarities ...
+        torch.sub(base, penalty, out=penalty)  # ... -> base[j] - cos(V_i, V_j), in place
+        picked = greedy_by_penalty_rows(base, count, gather_rows(penalty))
+        return picked if positions is None else positions.index_select(0, picked)
+
+    base = torch.where(candidates, base_score, -math.inf)  # non-candidates are never picked
+    similarity = torch.empty_like(base)
+
+    def penalty_row(choice: Tensor) -> Tensor:
+        torch.mv(unit_visual, unit_visual.index_select(0, choice).squeeze(0), out=similarity)
+        return torch.sub(base, similarity, out=similarity)
+
+    return greedy_by_penalty_rows(base, count, penalty_row)
+
+
+def gather_rows(matrix: Tensor) -> Callable[[Tensor], Tensor]:
+    """``penalty_row`` for :func:`greedy_by_penalty_rows` reading rows of a precomputed matrix (one buffer)."""
+    row = matrix.new_empty((1, matrix.shape[1]))
+    return lambda choice: torch.index_select(matrix, 0, choice, out=row).squeeze(0)
+
+
+def greedy_by_penalty_rows(first_score: Tensor, count: int, penalty_row: Callable[[Tensor], Tensor]) -> Tensor:
+    """The greedy max-min loop shared by the diversity selectors: LongTensor ``[count]`` of distinct picks.
+
+    Pick 0 is ``argmax first_score``; pick ``s`` is ``argmax_j min_{k < s} penalty_row(pick_k)[j]`` over the
+    tokens not picked yet (ties -> lower index). ``penalty_row(choice)`` takes a LongTensor ``[1]`` and returns
+    ``[C]`` (it may reuse one buffer); ``-inf`` in ``first_score`` and in every row marks a token that is
+    never picked (``count`` must not exceed the others). With ``penalty_row(k)[j] = b_j - cos(V_j, V_k)``
+    the running minimum is exactly ``b_j - max_k cos(V_j, V_k)`` (``fl(b - x)`` never increases with ``x``).
+
+    Per step: one ``penalty_row``, an in-place ``minimum``, ``-inf`` written over the pick and an ``argmax``
+    written straight into the output (a 1-element view, as indexing with a 0-dim tensor would sync). No host
+    synchronisation, no allocation besides what ``penalty_row`` does.
+    """
+    picked = torch.empty(count, dtype=torch.long, device=first_score.device)
     if count == 0:
         return picked
-    blocked = torch.full_like(base_score, -math.inf)
-    available = candidates.clone()
-    positions = torch.arange(base_score.shape[0], device=device)
-    max_cos = torch.zeros_like(base_score)  # replaced by the first pick's similarities, never max'ed with 0
-    for step in range(count):
-        score = torch.where(available, base_score - max_cos, blocked)
-        choice = torch.argmax(score).view(1)  # [1]: indexing with a 0-dim tensor would sync via .item()
-        picked[step:step + 1] = choice
-        available &= positions != choice
-        similarity = unit_visual @ unit_visual.index_select(0, choice).squeeze(0)  # [N]
-        max_cos = similarity if step == 0 else torch.maximum(max_cos, similarity)
+    torch.argmax(first_score, dim=0, keepdim=True, out=picked[:1])
+    score = torch.empty_like(first_score)
+    for step in range(1, count):
+        previous = picked[step - 1:step]
+        if step == 1:
+            score.copy_(penalty_row(previous))
+        else:
+            torch.minimum(score, penalty_row(previous), out=score)
+        score.index_fill_(0, previous, -math.inf)
+        torch.argmax(score, dim=0, keepdim=True, out=picked[step:step + 1])
     return picked
 
 

@@ -14,9 +14,12 @@ Interpretation (as in the official code, on the projected visual features):
 
 Ties go to the lower index (``argmax`` takes the first maximum). Picked tokens are masked out explicitly, so
 ``k`` distinct tokens come back even when many rows are identical (the official code could re-pick one).
-Cost: the nearest-neighbour pass is one ``N x N`` similarity computed in row chunks (never more than
-``_CHUNK_ELEMENTS`` entries at once); each greedy step is one ``[N, D] @ [D]`` product plus a running
-min-distance vector, with no host synchronisation. Text and attention are not used.
+Cost: the nearest-neighbour pass needs the whole ``N x N`` similarity, one GEMM. Up to ``N = 4096``
+(``base.GRAM_MAX_ELEMENTS`` entries; 33 MB at N = 2880 in float32) it is kept and each greedy step is a row
+gather, an in-place ``minimum`` and an ``argmax`` over ``[N]``, as in the official code's full distance
+matrix; above that the similarity is computed in row chunks (never more than ``_CHUNK_ELEMENTS`` entries at
+once) and each step is one ``[N, D] @ [D]`` product into a preallocated buffer. No host synchronisation in
+either loop. Text and attention are not used.
 """
 
 from __future__ import annotations
@@ -28,7 +31,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from textscythe_vllm.selectors.base import TokenSelector, l2_normalize
+from textscythe_vllm.selectors.base import (
+    GRAM_MAX_ELEMENTS,
+    TokenSelector,
+    gather_rows,
+    greedy_by_penalty_rows,
+    l2_normalize,
+)
 
 #: the most similarity entries materialised at once in the nearest-neighbour pass (16 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 22
@@ -58,20 +67,19 @@ class DivPruneSelector(TokenSelector):
 
     def _select(self, visual: Tensor, text: Tensor, attention: Tensor | None, k: int) -> Tensor:
         unit = l2_normalize(visual)
-        positions = torch.arange(visual.shape[0], device=visual.device)
+        num_tokens = visual.shape[0]
+        if num_tokens * num_tokens <= GRAM_MAX_ELEMENTS:
+            distance = unit @ unit.T  # [N, N] similarity ...
+            distance.diagonal().fill_(-math.inf)  # ... without self-similarity
+            nearest_distance = 1.0 - distance.amax(dim=1)
+            torch.sub(1.0, distance, out=distance)  # ... -> 1 - cos (+inf on the diagonal: never the minimum)
+            return greedy_by_penalty_rows(nearest_distance, k, gather_rows(distance))
+
         nearest_distance = 1.0 - nearest_neighbour_similarity(unit)
-        choice = torch.argmax(nearest_distance)
-        picks = [choice]
-        taken = positions == choice
-        # Running min distance to the picked set; index_select with a 1-element index tensor, because
-        # indexing with a 0-dim tensor would call .item() (a host sync on accelerators).
-        min_distance = 1.0 - unit @ unit.index_select(0, choice.view(1)).squeeze(0)
-        blocked = torch.full_like(min_distance, -math.inf)
-        for _ in range(k - 1):
-            choice = torch.argmax(torch.where(taken, blocked, min_distance))
-            picks.append(choice)
-            taken = taken | (positions == choice)
-            min_distance = torch.minimum(
-                min_distance, 1.0 - unit @ unit.index_select(0, choice.view(1)).squeeze(0)
-            )
-        return torch.stack(picks)
+        similarity = torch.empty_like(nearest_distance)
+
+        def distance_row(choice: Tensor) -> Tensor:  # 1 - cos(V, V_choice), into one buffer
+            torch.mv(unit, unit.index_select(0, choice).squeeze(0), out=similarity)
+            return torch.sub(1.0, similarity, out=similarity)
+
+        return greedy_by_penalty_rows(nearest_distance, k, distance_row)

@@ -115,6 +115,9 @@ class TextScytheSelector(TokenSelector):
             chosen = stable_top_k(torch.where(relevant, key_strength, -math.inf), k)
         else:
             importance = minmax_normalize(attention, visual.shape[0], like=visual)
-            background = greedy_diverse_fill(unit_visual, importance, ~relevant, k - num_relevant)
+            num_candidates = visual.shape[0] - num_relevant
+            background = greedy_diverse_fill(
+                unit_visual, importance, ~relevant, k - num_relevant, num_candidates=num_candidates
+            )
             chosen = torch.cat([relevant.nonzero().squeeze(1), background])
         return Selection(indices=chosen, info={"key_text_mask": key_text, "relevant_mask": relevant})
