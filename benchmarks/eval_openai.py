@@ -37,6 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when this file is loaded by path
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+
+from _report import pyplot, save_figure, show, write_report  # noqa: E402
+
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "eval_openai.json"
 DEFAULT_PROMPT_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA's short-answer prompt
 NO_BUDGET = "none"
@@ -352,11 +358,7 @@ def markdown_table(report: dict[str, object]) -> str:
 
 
 def plot(report: dict[str, object], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = report["settings"]
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for selector in report["config"]["selectors"]:
@@ -377,9 +379,7 @@ def plot(report: dict[str, object], path: Path) -> None:
                    f"{report['config']['model']}", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -432,17 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     config = report["config"]
     header = (f"{config['dataset']}: {config['samples']} samples, model {config['model']} at {config['base_url']}, "
               f"exact match after normalisation; relative = accuracy / accuracy without pruning")
-    print(header)
-    print()
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    args.out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
-    written = [args.out, args.out.with_suffix(".md")]
-    if not args.no_plot:
-        plot(report, args.out.with_suffix(".png"))
-        written.append(args.out.with_suffix(".png"))
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    show(header, table)
+    write_report(args.out, report, header, table, None if args.no_plot else plot, ensure_ascii=False)
     failed = sum(r["errors"] for r in report["settings"])
     if failed == sum(r["samples"] for r in report["settings"]):
         print(f"every request failed, e.g. {report['first_errors'][:1]}", file=sys.stderr)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -59,6 +58,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(REPO_ROOT))
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when this file is loaded by path
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+
+from _report import pyplot, save_figure, show, write_report  # noqa: E402
 
 from textscythe_vllm.selectors import available_selectors, get_selector  # noqa: E402
 from textscythe_vllm.selectors.textscythe import threshold_scale  # noqa: E402
@@ -507,10 +511,7 @@ def markdown_table(report: dict[str, object]) -> str:
 
 
 def plot(report: dict[str, object], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import FormatStrFormatter
 
     config = report["config"]
@@ -541,9 +542,7 @@ def plot(report: dict[str, object], path: Path) -> None:
     axes[0][0].set_ylabel("selectivity (asked / other kept fraction)")
     axes[0][-1].legend()
     figure.suptitle(f"Planted 2x2 scenes, SmolLM2 embeddings, {config['questions']} questions, N={config['N']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -555,17 +554,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(D={config['D']}), N={config['N']}, attention={config['attention']}, "
               f"prompt={config['prompt_format']}; torch {env['torch']}, {env['torch_threads']} threads, "
               f"{env['total_seconds']:.0f} s")
-    print(header)
-    print()
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
-    written = [args.out, args.out.with_suffix(".md")]
-    if not args.no_plot:
-        plot(report, args.out.with_suffix(".png"))
-        written.append(args.out.with_suffix(".png"))
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    show(header, table)
+    write_report(args.out, report, header, table, None if args.no_plot else plot)
     return 0
 
 

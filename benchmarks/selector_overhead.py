@@ -32,7 +32,6 @@ tables next to it (``.md``) and a bar chart of the overhead (``.png``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -46,6 +45,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(REPO_ROOT))
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when this file is loaded by path
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+
+from _report import pyplot, save_figure, show, write_report  # noqa: E402
 
 from textscythe_vllm.selectors import available_selectors, get_selector  # noqa: E402
 
@@ -324,11 +328,7 @@ def markdown_table(report: dict[str, object]) -> str:
 
 
 def plot(report: dict[str, object], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     results = report["results"]
     sizes = sorted({r["N"] for r in results})
     figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.8), squeeze=False)
@@ -352,9 +352,7 @@ def plot(report: dict[str, object], path: Path) -> None:
         axis.grid(axis="y", alpha=0.3)
     env = report["environment"]
     figure.suptitle(f"CPU float32, {env['torch_threads']} threads ({env['cpu_count']} CPUs); hatched: over the goal", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,20 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Selector + [CLS] attention vs CLIP-L/14-336 encoder ({tower['layers_run']} layers, float32), "
               f"D={args.dim}, T={args.text_tokens}, median of {args.repeats}; torch {env['torch']}, "
               f"{env['cpu_count']} CPUs / {env['torch_threads']} threads")
-    print(header)
-    print()
-    print(table)
+    show(header, table)
     for size, by_budget in report["textscythe_profile"].items():
         k = max(by_budget, key=int)
         print(f"\ntorch.profiler, TextScythe N={size} K={k}:\n{by_budget[k]['profiler']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
-    written = [args.out, args.out.with_suffix(".md")]
-    if not args.no_plot:
-        plot(report, args.out.with_suffix(".png"))
-        written.append(args.out.with_suffix(".png"))
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    write_report(args.out, report, header, table, None if args.no_plot else plot)
     return 0 if all(math.isfinite(r["overhead_pct"]) for r in report["results"]) else 1
 
 

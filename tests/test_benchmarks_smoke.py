@@ -6,6 +6,8 @@
   LLaVA-1.5 (dummy weights, so accuracy is meaningless; the table, the settings and the prompt-token counts
   are what is checked) on ``easy-vqa``.
 * ``benchmarks/selector_overhead.py``: a tiny vision tower and tiny sizes, checking the report's shape.
+* ``benchmarks/serving.py``: the FLOP model and the scaling rule; ``--quick`` end to end against a real
+  ``vllm serve`` of the tiny LLaVA-1.5 (the report's structure and every request's prompt-token count).
 """
 
 from __future__ import annotations
@@ -196,4 +198,86 @@ def test_eval_openai_against_tiny_server(tiny_llava_dir: Path, tmp_path: Path) -
         assert saved == pytest.approx(IMAGE_TOKENS - 64)
         assert rows[name]["visual_tokens_per_image"] == pytest.approx(IMAGE_TOKENS)
     assert "retain 64 (↓88.9%)" in done.stdout and "| vanilla |" in done.stdout
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_serving_flop_model_and_arguments() -> None:
+    script = _load_script("serving")
+    defaults = script.parse_args([])
+    assert (defaults.shape, defaults.budgets, defaults.concurrency, defaults.llm_layers) == (
+        "llava-1.5", [192, 128, 64], [1, 4, 16], 3)
+    assert defaults.out.name == "serving.json"
+    next_args = script.parse_args(["--shape", "llava-next"])
+    assert (next_args.budgets, next_args.concurrency, next_args.out.name) == ([320], [4], "serving_next.json")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--budgets", "0"])
+    # LLaVA-1.5-7B: ~0.39 TFLOPs of vision (23 CLIP-L layers + projector) next to ~8 TFLOPs of LLM prefill
+    real = script.request_flops(36, 576, 1, script.REAL_TEXT, script.REAL_VISION, 23)
+    assert 0.35e12 < real["vision_tower"] + real["projector"] < 0.42e12
+    assert 7.5e12 < real["llm_gemm"] + real["llm_attention"] < 8.5e12
+    pruned = script.request_flops(36, 64, 1, script.REAL_TEXT, script.REAL_VISION, 23)
+    assert 0.19 < pruned["total"] / real["total"] < 0.22
+    # the scaling rule: with 3 of 32 LLM layers one CLIP layer keeps the vision/LLM balance best (within 15%)
+    assert script.derive_vision_layers(3, 36, 576, 1) == 1
+    assert script.derive_vision_layers(6, 36, 576, 1) == 3
+    served = {**script.REAL_TEXT, "num_hidden_layers": 3}
+    ratio = script.vision_llm_ratio(36, 576, 1, served, script.REAL_VISION, 1)
+    assert abs(ratio / script.vision_llm_ratio(36, 576, 1, script.REAL_TEXT, script.REAL_VISION, 23) - 1) < 0.15
+    assert script.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and script.percentile([], 95) is None
+
+
+@pytest.mark.server
+def test_serving_smoke(tmp_path: Path) -> None:
+    """``serving.py --quick``: a real ``vllm serve`` (tiny widths), budgets none / 64, concurrency 1 and 4."""
+    out = tmp_path / "serving.json"
+    command = [sys.executable, str(BENCHMARKS / "serving.py"), "--quick", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    config = report["config"]
+    n, t = config["visual_tokens_N"], config["text_tokens_T"]
+    assert (n, config["views"], config["budgets"], config["quick"]) == (IMAGE_TOKENS, 1, [64], True)
+    assert report["errors"] == 0 and report["environment"]["server_alive_at_end"]
+
+    # every request, pruned or not, image or text-only, reported exactly the prompt tokens it was built for
+    requests = report["requests"]
+    assert len(requests) == config["rounds"] * 4
+    for request in requests:
+        assert request["error"] is None
+        assert request["prompt_tokens"] == request["expected_tokens"]
+        assert request["e2e_s"] >= request["ttft_s"] > 0 and request["prefill_s"] > 0
+        assert request["completion_tokens"] == config["max_tokens"]
+    expected = {"image@none": t + n, "image@64": t + 64, "text@none": t + n, "text@64": t + 64}
+    assert sorted({r["label"] for r in requests}) == sorted(expected)
+    for request in requests:
+        assert request["prompt_tokens"] == expected[request["label"]]
+    assert all(r["selector_s"] > 0 for r in requests if r["label"] == "image@64")
+    assert all(r["selector_s"] == 0 for r in requests if r["label"] == "image@none")
+
+    rows = {row["budget"]: row for row in report["single_stream"]}
+    assert list(rows) == ["none", "64"]
+    assert (rows["none"]["prompt_tokens"], rows["64"]["prompt_tokens"]) == (t + n, t + 64)
+    assert rows["none"]["ratio_a"] == 1.0 and 0 < rows["64"]["ratio_a"] < 1
+    for row in rows.values():
+        assert row["rounds"] == config["rounds"] and row["ttft_s"] > 0 and row["bound_b_s"] > 0
+        assert set(row["components_s"]) == {"request_overhead", "vision_encoder", "attention_extraction",
+                                            "selector", "llm_prefill", "residual"}
+    gap = rows["64"]["gap_components_s"]
+    assert set(gap) == {"request_overhead", "vision_encoder", "attention_extraction", "selector",
+                        "llm_prefill_residual"}
+    assert rows["64"]["within_10pct_of_b"] in (True, False)
+
+    levels = report["concurrency"]
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    for level in levels:
+        for mode, tokens in (("pruned", t + 64), ("unpruned", t + n)):
+            assert level[mode]["errors"] == 0 and level[mode]["requests"] == 4
+            assert level[mode]["prompt_tokens"] == [tokens] * 4
+            assert level[mode]["requests_per_s"] > 0 and level[mode]["ttft_p95_s"] >= level[mode]["ttft_p50_s"] > 0
+    verdicts = report["verdicts"]
+    assert verdicts["meaningful"] is False and len(verdicts["per_concurrency"]) == 2
+
+    assert report["config"]["scaling"]["vision_layers_run"] == 1
+    assert f"| 64 | {t + 64} |" in done.stdout and "| 4 | pruned | 4 | 0 |" in done.stdout
+    assert out.with_suffix(".md").read_text().count("| none |") == 2
     assert out.with_suffix(".png").stat().st_size > 0

@@ -26,6 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, word_vocabulary
+
 KINDS = ("llava-1.5", "llava-next")
 
 UNK_TOKEN = "<unk>"
@@ -41,43 +43,6 @@ IMAGE_SIZE = 336
 # LLaVA-v1.6 (llava-hf/llava-v1.6-*) any-resolution grid, as [height, width].
 LLAVA_NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 MAX_POSITION_EMBEDDINGS = 4096
-
-_PUNCTUATION = list(".,?!:;'\"()-/&%$#+=*")
-_DIGITS = list("0123456789")
-# A few hundred common English words: enough for typical VQA-style questions and answers.
-_WORD_TEXT = """
-a an the this that these those there here it its is are was were be been being am do does did done doing
-have has had having will would can could should may might must shall not no yes i me my mine you your
-yours he him his she her hers we us our they them their what which who whom whose when where why how
-many much more most less least few some any all each every both either neither other another such only
-own same so than too very just also again ever never always often and or but if then else because while
-until of in on at by for with about against between into through during before after above below to from
-up down out off over under near far inside outside behind front beside next left right top bottom middle
-center centre side around across along colour color colours colors red orange yellow green blue purple
-pink brown black white gray grey gold silver dark light bright pale one two three four five six seven
-eight nine ten eleven twelve first second third last number count image picture photo photograph scene
-view shown show shows see seen look looks looking visible describe description detail details answer
-question word words sentence short long brief briefly please tell explain give name list identify read
-text written sign label letter letters man men woman women person people boy girl child children baby
-player players crowd family dog dogs cat cats bird birds horse horses cow cows sheep elephant elephants
-bear bears zebra zebras giraffe giraffes animal animals fish car cars bus buses truck trucks train
-trains bike bicycle motorcycle boat boats plane airplane vehicle road street sidewalk traffic stop
-parking umbrella umbrellas hat cap shirt jacket coat dress shoes glasses bag backpack tie table chair
-chairs bed couch sofa desk shelf door window windows wall floor room kitchen bathroom house building
-buildings tower bridge fence roof tree trees grass flower flowers plant plants field park garden forest
-mountain mountains hill sky cloud clouds sun snow rain water river lake sea ocean beach sand rock rocks
-food pizza cake sandwich fruit banana bananas apple apples orange oranges bowl plate cup glass bottle
-knife fork spoon phone computer laptop screen keyboard mouse clock book books ball kite frisbee
-skateboard surfboard skis racket bat shape shapes circle square triangle rectangle star line lines big
-small large little tall short wide narrow round flat open closed full empty new old young hot cold warm
-wet dry clean dirty happy sad good bad best better same different similar holding hold holds wearing
-wear wears sitting sit sits standing stand stands walking walk walks running run runs riding ride rides
-eating eat eats playing play plays flying fly flies carrying carry lying lie using use uses waiting wait
-looking watching watch day night morning evening time year years today kind type sort part parts piece
-pieces thing things object objects area place main background foreground helpful help assistant reply
-respond single phrase based provided
-"""
-_WORDS = _WORD_TEXT.split()
 
 # LLaVA-1.5 style: "<s>USER: <image>\nWhat is this? ASSISTANT: answer</s>USER: ... ASSISTANT:".
 # Content may be a string (which may itself contain "<image>") or a list of OpenAI-style parts; image
@@ -114,56 +79,27 @@ CHAT_TEMPLATE = (
 
 def vocabulary() -> dict[str, int]:
     """Token -> id for the tiny word-level tokenizer (special tokens first, then punctuation, digits, words)."""
-    vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *_PUNCTUATION, *_DIGITS, "user", "assistant", "system", *_WORDS):
-        vocab.setdefault(token, len(vocab))
-    return vocab
+    return word_vocabulary(SPECIAL_TOKENS)
 
 
 def build_tiny_tokenizer():
     """A ``PreTrainedTokenizerFast`` over :func:`vocabulary`, with the LLaVA-style chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = vocabulary()
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Punctuation(behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-        ]
-    )
-    # Word-level decoding: words joined by spaces, no space before punctuation.
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A",
-        pair=f"{BOS_TOKEN} $A $B",
-        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token=UNK_TOKEN,
+    return build_word_tokenizer(
+        SPECIAL_TOKENS,
+        chat_template=CHAT_TEMPLATE,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         model_max_length=MAX_POSITION_EMBEDDINGS,
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
     )
-    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == vocab[IMAGE_TOKEN]
-    return tokenizer
 
 
-def _text_config(vocab_size: int, dtype: str):
+def _text_config(vocab_size: int, dtype: str, overrides: dict[str, Any] | None = None):
     from transformers import LlamaConfig
 
     # head_dim 64: vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ...
-    return LlamaConfig(
+    fields: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
@@ -179,12 +115,14 @@ def _text_config(vocab_size: int, dtype: str):
         tie_word_embeddings=False,
         dtype=dtype,
     )
+    fields.update(overrides or {})
+    return LlamaConfig(**fields)
 
 
-def _vision_config(dtype: str):
+def _vision_config(dtype: str, overrides: dict[str, Any] | None = None):
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(
+    fields: dict[str, Any] = dict(
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
         hidden_size=64,
@@ -194,12 +132,15 @@ def _vision_config(dtype: str):
         projection_dim=64,
         dtype=dtype,
     )
+    fields.update(overrides or {})
+    return CLIPVisionConfig(**fields)
 
 
-def _build_config(kind: str, vocab_size: int, image_token_id: int, dtype: str):
+def _build_config(kind: str, vocab_size: int, image_token_id: int, dtype: str,
+                  text_overrides: dict[str, Any] | None = None, vision_overrides: dict[str, Any] | None = None):
     common: dict[str, Any] = dict(
-        vision_config=_vision_config(dtype),
-        text_config=_text_config(vocab_size, dtype),
+        vision_config=_vision_config(dtype, vision_overrides),
+        text_config=_text_config(vocab_size, dtype, text_overrides),
         image_token_index=image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -303,12 +244,19 @@ def build_tiny_llava(
     with_weights: bool = False,
     seed: int = 0,
     dtype: str = "float32",
+    text_config: dict[str, Any] | None = None,
+    vision_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny LLaVA-1.5 or LLaVA-NeXT checkpoint directory to ``path`` and return it.
 
     The directory holds ``config.json``, the tokenizer, the image processor and the processor (with its
     chat template); with ``with_weights=True`` also ``model.safetensors`` with random weights drawn from
     ``seed``. Without weights, load it in vLLM with ``--load-format dummy``.
+
+    ``text_config`` / ``vision_config`` override fields of the ``LlamaConfig`` / ``CLIPVisionConfig`` (e.g.
+    ``{"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 2, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "head_dim": 128}`` for LLaVA-1.5-7B's width, as ``benchmarks/serving.py``
+    does); ``image_size`` and ``patch_size`` of the tower are fixed by the processor and must not change.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -317,7 +265,10 @@ def build_tiny_llava(
 
     tokenizer = build_tiny_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = _build_config(kind, len(tokenizer), image_token_id, dtype)
+    fixed = {"image_size", "patch_size"} & set(vision_config or {})
+    if fixed:
+        raise ValueError(f"vision_config must not override {sorted(fixed)} (the processor fixes them)")
+    config = _build_config(kind, len(tokenizer), image_token_id, dtype, text_config, vision_config)
     processor = _build_processor(kind, tokenizer)
 
     if with_weights:
@@ -333,7 +284,10 @@ def build_tiny_llava(
     # vLLM and transformers both look for the template next to the tokenizer too.
     tokenizer.save_pretrained(path)
     with open(path / "textscythe_tiny_model.json", "w") as f:
-        json.dump({"kind": kind, "with_weights": with_weights, "seed": seed, "dtype": dtype}, f, indent=2)
+        record: dict[str, Any] = {"kind": kind, "with_weights": with_weights, "seed": seed, "dtype": dtype}
+        if text_config or vision_config:
+            record.update(text_config=text_config or {}, vision_config=vision_config or {})
+        json.dump(record, f, indent=2)
     return path
 
 
