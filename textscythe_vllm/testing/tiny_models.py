@@ -206,9 +206,26 @@ def vllm_weight_name(name: str) -> str:
     return name
 
 
+def restore_vision_model_prefix(path: Path) -> None:
+    """Rewrite the single ``*.safetensors`` file that ``save_pretrained`` wrote in ``path`` with the tower keys
+    vLLM expects (:func:`vllm_weight_name`)."""
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise RuntimeError(
+            f"expected exactly one safetensors file in {path}, found {[f.name for f in files]}"
+        )
+    tensors = load_file(files[0])
+    renamed = {vllm_weight_name(k): v.contiguous() for k, v in tensors.items()}
+    if len(renamed) != len(tensors):
+        raise RuntimeError("weight renaming produced duplicate names")
+    save_file(renamed, files[0], metadata={"format": "pt"})
+    files[0].chmod(0o644)
+
+
 def _save_random_weights(config, path: Path, kind: str, seed: int) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
 
     if kind == "llava-1.5":
         from transformers import LlavaForConditionalGeneration as model_cls
@@ -224,17 +241,7 @@ def _save_random_weights(config, path: Path, kind: str, seed: int) -> None:
     model.eval()
     model.save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
 
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) != 1:
-        raise RuntimeError(
-            f"expected exactly one safetensors file in {path}, found {[f.name for f in files]}"
-        )
-    tensors = load_file(files[0])
-    renamed = {vllm_weight_name(k): v.contiguous() for k, v in tensors.items()}
-    if len(renamed) != len(tensors):
-        raise RuntimeError("weight renaming produced duplicate names")
-    save_file(renamed, files[0], metadata={"format": "pt"})
-    files[0].chmod(0o644)
+    restore_vision_model_prefix(path)
 
 
 def build_tiny_llava(

@@ -28,6 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
+from textscythe_vllm.testing.tiny_models import restore_vision_model_prefix
 from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
 
 UNK_TOKEN = "<unk>"
@@ -108,18 +109,6 @@ def build_processor(tokenizer):
     )
 
 
-def _rename_tower_keys(path: Path) -> None:
-    """transformers 5 writes the tower without its ``vision_model.`` level; vLLM expects it (see
-    :func:`textscythe_vllm.testing.tiny_models.vllm_weight_name`)."""
-    from safetensors.torch import load_file, save_file
-
-    from textscythe_vllm.testing.tiny_models import vllm_weight_name
-
-    (weights,) = sorted(path.glob("*.safetensors"))
-    tensors = load_file(weights)
-    save_file({vllm_weight_name(k): v.contiguous() for k, v in tensors.items()}, weights, metadata={"format": "pt"})
-
-
 def build_tiny_onevision(
     path: str | Path, *, with_weights: bool = False, seed: int = 0, dtype: str = "float32"
 ) -> Path:
@@ -140,7 +129,7 @@ def build_tiny_onevision(
         with torch.no_grad():  # seeded, not left to the initialiser
             model.model.image_newline.normal_(0.0, config.text_config.hidden_size**-0.5)
         model.save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
-        _rename_tower_keys(path)
+        restore_vision_model_prefix(path)  # transformers 5 drops the tower's vision_model. level
     else:
         config.save_pretrained(path)
     processor.save_pretrained(path)
