@@ -160,6 +160,19 @@ def test_selection_failure_falls_back_deterministically(monkeypatch):
     assert torch.equal(first, uniform)
 
 
+@pytest.mark.parametrize(("attention_rows", "layout_rows"), [(40, None), (56, None), (None, 40), (None, 56)])
+def test_attention_or_layout_of_another_length_takes_the_fallback(attention_rows, layout_rows):
+    features = _features()
+    fallbacks = pruning.metrics.setup_worker_metrics("unit-test").fallbacks.labels("unit-test", "textscythe")
+    before = fallbacks._value.get()
+    attention = None if attention_rows is None else torch.rand(attention_rows)
+    candidates = None if layout_rows is None else torch.ones(layout_rows, dtype=torch.bool)
+    rows = pruning.choose_rows(features, attention, features[:2], ImagePlan(9, "textscythe", ()), candidates)
+    assert fallbacks._value.get() == before + 1
+    uniform = pruning.choose_rows(features, None, features[:0], ImagePlan(9, "uniform", ()))
+    assert torch.equal(rows, uniform)  # the fallback over all rows, not over a prefix the layout covers
+
+
 def test_prune_items_leaves_unpruned_items_alone():
     items = [_features(30, seed=1), _features(30, seed=2)]
     plans = [ImagePlan(0, "", ()), ImagePlan(8, "textscythe", (1, 2))]

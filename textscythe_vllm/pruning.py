@@ -85,9 +85,15 @@ def choose_rows_and_positions(
     if keep == num_rows:
         return features, torch.arange(num_rows, device=features.device)
     started = time.perf_counter()
+    layout_matches = candidates is None or candidates.shape[0] == num_rows
     try:
         if os.environ.get(FAULT_INJECTION_ENV) == "1":
             raise RuntimeError(f"selection failure injected by {FAULT_INJECTION_ENV}=1")
+        if not layout_matches or (attention is not None and attention.shape[0] != num_rows):
+            raise RuntimeError(
+                f"attention ({None if attention is None else attention.shape[0]}) or layout "
+                f"({None if candidates is None else candidates.shape[0]}) rows differ from the {num_rows} features"
+            )
         positions, rows = _select(features, attention, text, plan.selector, keep, candidates)
         if rows.shape != (keep, features.shape[1]):
             raise RuntimeError(f"selector {plan.selector!r} returned {tuple(rows.shape)}, expected {keep} rows")
@@ -95,7 +101,9 @@ def choose_rows_and_positions(
         logger.exception("textscythe: selector %r failed; falling back to %r", plan.selector, FALLBACK_SELECTOR)
         metrics.record_fallback(plan.selector)
         try:
-            positions, rows = _select(features, None, text[:0], FALLBACK_SELECTOR, keep, candidates)
+            positions, rows = _select(
+                features, None, text[:0], FALLBACK_SELECTOR, keep, candidates if layout_matches else None
+            )
         except Exception:
             logger.exception("textscythe: fallback selector failed; keeping the first %d rows", keep)
             positions, rows = torch.arange(keep, device=features.device), features[:keep]

@@ -42,6 +42,8 @@ from textscythe_vllm.pruning import ModalityPruningMixin, prune_items, tower_att
 logger = logging.getLogger(LOGGER_NAME)
 
 MODALITIES = ("image", "video")
+#: Input type -> the key of its per-item batch in vLLM's parsed inputs.
+_ITEMS_KEY = {"pixel_values": "pixel_values", "image_embeds": "data", "pixel_values_videos": "pixel_values_videos"}
 
 
 def image_layout(model: Any, image_size: Tensor, view_attention: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,8 +114,7 @@ class TextScytheLlavaOnevisionForConditionalGeneration(ModalityPruningMixin, Lla
         metrics.setup_worker_metrics(vllm_config.model_config.served_model_name)
 
     def _num_items(self, modality: str, modality_input: Any) -> int:
-        key = {"pixel_values": "pixel_values", "image_embeds": "data", "pixel_values_videos": "pixel_values_videos"}
-        return len(modality_input[key[modality_input["type"]]])
+        return len(modality_input[_ITEMS_KEY[modality_input["type"]]])
 
     def _embed_items(self, modality: str, modality_input: Any, plans: Any) -> list[Tensor]:
         process = self._process_image_input if modality == "image" else self._process_video_pixels
@@ -132,7 +133,7 @@ class TextScytheLlavaOnevisionForConditionalGeneration(ModalityPruningMixin, Lla
         stacked = captured[-1] if captured else None  # [views or frames of the whole batch, S]
         if stacked is not None and self.config.vision_feature_select_strategy == "default":
             stacked = stacked[:, 1:]  # a CLIP tower's [CLS] column (OneVision checkpoints use SigLIP: "full")
-        pixels = modality_input["pixel_values" if modality == "image" else "pixel_values_videos"]
+        pixels = modality_input[_ITEMS_KEY[modality_input["type"]]]
         attention: list[Tensor | None] = []
         candidates: list[Tensor | None] = []
         offset = 0
@@ -148,10 +149,9 @@ class TextScytheLlavaOnevisionForConditionalGeneration(ModalityPruningMixin, Lla
                 item_scores, is_content = image_layout(self, size, item_attention)
             else:
                 item_scores, is_content = video_layout(self, item_attention)
+            # A layout that disagreed with the features would fail inside the guarded selection and take its
+            # fallback (choose_rows), never the engine.
             device = features[index].device
-            if item_scores.shape[0] != features[index].shape[0]:
-                raise RuntimeError(f"textscythe: {modality} layout has {item_scores.shape[0]} rows for "
-                                   f"{features[index].shape[0]} features")
             attention.append(item_scores.to(device) if stacked is not None else None)
             candidates.append(is_content.to(device))
         embed_tokens = self.get_language_model().embed_input_ids
