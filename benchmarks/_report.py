@@ -1,5 +1,6 @@
 """Report writing shared by the benchmark scripts: JSON, the Markdown table next to it (``.md``) and a plot
-(``.png``), all in ``benchmarks/results/`` by default.
+(``.png``), all in ``benchmarks/results/`` by default. Importing it also puts the checkout (``REPO_ROOT``) on
+``sys.path``, so the scripts run without installing the package.
 
     from _report import pyplot, save_figure, show, write_report
 
@@ -13,10 +14,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # the scripts run from a checkout without installing the package
+    sys.path.insert(0, str(REPO_ROOT))
 PLOT_DPI = 120
 
 

@@ -36,12 +36,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when this file is loaded by path
     sys.path.insert(0, str(BENCHMARKS_DIR))
 
-from _report import pyplot, save_figure, show, write_report  # noqa: E402
+from _report import REPO_ROOT, pyplot, save_figure, show, write_report  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "eval_openai.json"
 DEFAULT_PROMPT_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA's short-answer prompt
@@ -224,8 +223,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def known_selectors() -> list[str] | None:
     """The plugin's selector names when it is importable here (the client may run without it: then the
     server validates the names and answers 400 for an unknown one)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     try:
         from textscythe_vllm.selectors import available_selectors
     except ImportError:

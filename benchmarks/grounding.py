@@ -55,14 +55,11 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing the package
-    sys.path.insert(0, str(REPO_ROOT))
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when this file is loaded by path
     sys.path.insert(0, str(BENCHMARKS_DIR))
 
-from _report import pyplot, save_figure, show, write_report  # noqa: E402
+from _report import REPO_ROOT, pyplot, save_figure, show, write_report  # noqa: E402
 
 from textscythe_vllm.selectors import available_selectors, get_selector  # noqa: E402
 from textscythe_vllm.selectors.textscythe import threshold_scale  # noqa: E402

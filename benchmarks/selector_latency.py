@@ -3,21 +3,28 @@
 For each selector in :func:`textscythe_vllm.selectors.available_selectors`, each visual sequence length N
 (576 = LLaVA-1.5, 2880 = LLaVA-NeXT), each budget K and each device/dtype, time ``selector.select(visual,
 text, attention, K)`` on random inputs (``visual [N, D]``, ``text [T, D]``, ``attention [N]`` a softmax) and
-report the median over ``--repeats`` runs after ``--warmup`` untimed ones. CUDA runs are bracketed by
+report the median over ``--repeats`` runs after ``--warmup`` untimed ones. Inputs in float32 and bfloat16 (the
+dtype vLLM serves in; selectors score in float32 either way). CUDA runs are bracketed by
 ``torch.cuda.synchronize()``. Random text has (almost) no key tokens, so TextScythe runs its full K-step
 supplementation loop -- its worst case.
 
     python benchmarks/selector_latency.py                      # full default grid, CPU (+ CUDA if present)
     python benchmarks/selector_latency.py --quick              # smoke run
     python benchmarks/selector_latency.py --sizes 576 --budgets 64 --selectors textscythe divprune
+    python benchmarks/selector_latency.py --vs-encoder --threads 2     # overhead vs the CLIP-L encoder
 
-Prints a Markdown table and writes JSON (``--out``, default benchmarks/results/selector_latency.json).
+``--vs-encoder`` measures what pruning costs next to the tower it follows -- selector + [CLS]-attention time
+against the CLIP-L/14-336 encoder, same process, same inputs, interleaved rounds, with the goals (<= 2% at
+N = 576, <= 5% at N = 2880) -- by running ``benchmarks/selector_overhead.py`` with the remaining arguments
+(default selector: textscythe; results ``benchmarks/results/selector_overhead.*``).
+
+Prints a Markdown table and writes JSON, the table (``.md``) and a plot (``.png``) (``--out``, default
+benchmarks/results/selector_latency.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,11 +34,15 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing the package
-    sys.path.insert(0, str(REPO_ROOT))
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when this file is loaded by path
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+
+from _report import REPO_ROOT, pyplot, save_figure, show, write_report  # noqa: E402
 
 from textscythe_vllm.selectors import available_selectors, get_selector  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "selector_latency.json"
 
@@ -47,11 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--selectors", nargs="+", default=None, help="subset of selectors (default: all)")
     parser.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
                         help="default: cpu, plus cuda when available")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
+                        help="input dtypes (default float32 bfloat16; float32 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: N=576, K=64, 2 repeats unless the flags above say otherwise")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"JSON output; the table and plot go next to it (default {DEFAULT_OUT})")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--vs-encoder", action="store_true",
+                        help="overhead vs the vision encoder instead (benchmarks/selector_overhead.py; see its --help)")
     args = parser.parse_args(argv)
 
     if args.sizes is None:
@@ -60,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.budgets = [64] if args.quick else [64, 192, 320]
     if args.quick and args.repeats is None:
         args.repeats = 2
+    if args.dtypes is None:
+        args.dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
     unknown = sorted(set(args.selectors or []) - set(available_selectors()))
     if unknown:
         parser.error(f"unknown selectors {unknown}; available: {available_selectors()}")
@@ -121,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         torch.set_num_threads(args.threads)
     results = []
     for device in args.devices:
-        dtypes = [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
+        dtypes = [DTYPES[name] for name in args.dtypes]
         repeats = args.repeats or (20 if device == "cuda" else 5)
         for dtype in dtypes:
             for num_visual in args.sizes:
@@ -149,7 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return {
         "config": {
             "sizes": args.sizes, "dim": args.dim, "budgets": args.budgets, "text_tokens": args.text_tokens,
-            "warmup": args.warmup, "seed": args.seed, "devices": args.devices, "selectors": args.selectors,
+            "warmup": args.warmup, "seed": args.seed, "devices": args.devices, "dtypes": args.dtypes,
+            "selectors": args.selectors,
         },
         "environment": environment(args),
         "results": results,
@@ -176,19 +196,43 @@ def markdown_table(report: dict[str, object]) -> str:
     return "\n\n".join(tables)
 
 
+def plot(report: dict[str, object], path: Path) -> None:
+    """One panel per (device, dtype, N): median ms per selector, a bar per K, log scale."""
+    plt = pyplot()
+    results = report["results"]
+    panels = sorted({(r["device"], r["dtype"], r["N"]) for r in results}, key=lambda p: (p[0] != "cpu", p))
+    selectors = report["config"]["selectors"]
+    budgets = sorted({r["K"] for r in results})
+    median = {(r["selector"], r["device"], r["dtype"], r["N"], r["K"]): r["median_ms"] for r in results}
+    figure, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False)
+    width = 0.8 / len(budgets)
+    for axis, (device, dtype, num_visual) in zip(axes[:, 0], panels, strict=True):
+        for offset, budget in enumerate(budgets):
+            heights = [median.get((name, device, dtype, num_visual, budget), 0.0) for name in selectors]
+            axis.bar([i + offset * width for i in range(len(selectors))], heights, width, label=f"K={budget}")
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(selectors))], selectors, fontsize=8)
+        axis.set_yscale("log")
+        axis.set_ylabel("median ms")
+        axis.set_title(f"{device} {dtype}, N={num_visual}", fontsize=9)
+        axis.legend(fontsize=7)
+    save_figure(figure, path)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--vs-encoder" in argv:
+        import selector_overhead
+
+        return selector_overhead.main([arg for arg in argv if arg != "--vs-encoder"])
     args = parse_args(argv)
     report = run(args)
-    table = markdown_table(report)
     env = report["environment"]
-    print(f"Median latency (ms) of selector.select(), D={args.dim}, T={args.text_tokens}; "
-          f"torch {env['torch']}, {env['cpu_count']} CPUs / {env['torch_threads']} threads"
-          + (f", {env['cuda_device']}" if "cuda_device" in env else ""))
-    print()
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    header = (f"Median latency (ms) of selector.select(), D={args.dim}, T={args.text_tokens}; "
+              f"torch {env['torch']}, {env['cpu_count']} CPUs / {env['torch_threads']} threads"
+              + (f", {env['cuda_device']}" if "cuda_device" in env else ""))
+    table = markdown_table(report)
+    show(header, table)
+    write_report(args.out, report, header, table, None if args.no_plot else plot)
     return 0
 
 

@@ -65,19 +65,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing the package
-    sys.path.insert(0, str(REPO_ROOT))
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when this file is loaded by path
     sys.path.insert(0, str(BENCHMARKS_DIR))
 
-from _report import pyplot, save_figure, show, write_report  # noqa: E402
+from _report import REPO_ROOT, pyplot, save_figure, show, write_report  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 NO_BUDGET = "none"
 GOAL_FRACTION = 0.10  # TTFT(K) within 10% of bound (b)
 SELECTOR = "textscythe"
+#: The control requests' selector: evenly spaced rows, no text, no attention -- pruning at (almost) no cost.
+CONTROL_SELECTOR = "uniform"
 # LLaVA-style question; every word is in the tiny tokenizer's vocabulary (T = 37 text tokens with the template).
 QUESTION = ("Please look at the picture and describe in detail what the man on the left side of the street is "
             "holding in his hand, and what colour it is.")
@@ -91,9 +90,9 @@ VISION_FEATURE_LAYER = -2  # LLaVA: the penultimate layer, so vLLM builds 23 of 
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llava-1.5": {"kind": "llava-1.5", "real": "LLaVA-1.5-7B", "image_px": 336, "budgets": [192, 128, 64],
-                  "concurrency": [1, 4, 16], "rounds": 6, "out": "serving.json"},
+                  "concurrency": [1, 4, 16], "rounds": 12, "out": "serving.json"},
     "llava-next": {"kind": "llava-next", "real": "LLaVA-NeXT-7B (v1.6, Vicuna-7B)", "image_px": 672,
-                   "budgets": [320], "concurrency": [4], "rounds": 5, "out": "serving_next.json"},
+                   "budgets": [320], "concurrency": [4], "rounds": 9, "out": "serving_next.json"},
 }
 DEFAULT_LLM_LAYERS = 3
 
@@ -107,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CLIP layers run (of 23; default: the count that keeps the real vision/LLM FLOP ratio)")
     parser.add_argument("--budgets", type=int, nargs="+", default=None,
                         help="budgets K (default 192 128 64; llava-next 320)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed single-stream rounds (default 6; next 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed single-stream rounds (default 12; llava-next 9)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--concurrency", type=int, nargs="*", default=None,
                         help="concurrency levels (default 1 4 16; llava-next 4); each runs pruned and unpruned")
@@ -115,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests per concurrency level and mode (default max(6, 2 x concurrency))")
     parser.add_argument("--max-tokens", type=int, default=None, help="generated tokens per request (default 8)")
     parser.add_argument("--selector", default=SELECTOR, help=f"visual_token_selector (default {SELECTOR})")
+    parser.add_argument("--control-selector", default=CONTROL_SELECTOR,
+                        help="near-free selector of the control requests (same image pruned to the same K; default "
+                             f"{CONTROL_SELECTOR}); '' for none")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny widths, budgets none/64, 2 rounds, concurrency 1 4 with 4 requests")
     parser.add_argument("--seed", type=int, default=0)
@@ -146,6 +148,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--concurrency and --requests must be >= 1")
     if args.vision_layers is not None and not 1 <= args.vision_layers <= 23:
         parser.error("--vision-layers must be in 1..23")
+    from textscythe_vllm.selectors import available_selectors
+
+    if args.control_selector and args.control_selector not in available_selectors():
+        parser.error(f"--control-selector must be one of {available_selectors()} or ''")
+    if args.control_selector == args.selector:
+        parser.error("--control-selector must differ from --selector")
     return args
 
 
@@ -325,16 +333,20 @@ class TextPrompts:
 
 @dataclass
 class Spec:
-    """One request type: an image with a budget (None: unpruned) or a text-only prompt of ``tokens`` tokens."""
+    """One request type: an image with a budget (None: unpruned), the same image request pruned by the near-free
+    control selector, or a text-only prompt of ``tokens`` tokens."""
 
-    kind: str  # "image" | "text"
+    kind: str  # "image" | "control" | "text"
     budget: int | None
     tokens: int  # expected usage.prompt_tokens
 
     @property
     def label(self) -> str:
-        budget = NO_BUDGET if self.budget is None else str(self.budget)
-        return f"image@{budget}" if self.kind == "image" else f"text@{budget}"
+        return f"{self.kind}@{NO_BUDGET if self.budget is None else self.budget}"
+
+    @property
+    def has_image(self) -> bool:
+        return self.kind != "text"
 
 
 class Requests:
@@ -347,7 +359,7 @@ class Requests:
         self.next_image = args.seed * 100_000 + 1
 
     def body(self, spec: Spec) -> dict[str, Any]:
-        if spec.kind == "image":
+        if spec.has_image:
             self.next_image += 1
             url = jpeg_data_url(make_image(self.next_image, self.size))
             content: Any = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]
@@ -358,9 +370,9 @@ class Requests:
             "max_tokens": self.args.max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if spec.kind == "image" and spec.budget is not None:
+        if spec.has_image and spec.budget is not None:
             body["visual_token_budget"] = spec.budget
-            body["visual_token_selector"] = self.args.selector
+            body["visual_token_selector"] = self.args.control_selector if spec.kind == "control" else self.args.selector
         return body
 
 
@@ -492,10 +504,10 @@ async def single_stream(args: argparse.Namespace, base_url: str, requests: Reque
                 before = await scrape(client, base_url)
                 outcome = await stream_request(client, url, body, spec)
                 after = await settled(client, base_url, before, 1)
-                delta = deltas(before, after, args.selector)
+                delta = deltas(before, after, args.control_selector if spec.kind == "control" else args.selector)
                 outcome.prefill_s, outcome.queue_s, outcome.decode_s = (delta["prefill_s"], delta["queue_s"],
                                                                         delta["decode_s"])
-                outcome.selector_s = delta["selector_s"] if spec.kind == "image" else None
+                outcome.selector_s = delta["selector_s"] if spec.has_image else None
                 outcome.round = round_index - args.warmup if timed else None
                 if timed:
                     outcomes.append(outcome)
@@ -682,6 +694,13 @@ def analyse(outcomes: list[Outcome], served: Served, budgets: list[int], probe_s
             img, txt, img_full, txt_full = group
             sel = (img.selector_s or 0.0) if budget is not None else 0.0
             bound = img_full.ttft_s - (txt_full.ttft_s - txt.ttft_s)
+            control = rounds_of.get(f"control@{key}", {}).get(r)
+            if control is not None:
+                control_bound = control.ttft_s - (control.selector_s or 0.0)
+                for name, value in {"bound_c": control_bound, "gap_c": img.ttft_s - control_bound,
+                                    "ttft_over_bound_c": img.ttft_s / control_bound,
+                                    "over_control": img.ttft_s - control.ttft_s}.items():
+                    per_round.setdefault(name, []).append(value)
             values = {
                 "bound_b": bound, "gap_b": img.ttft_s - bound, "ttft_over_bound_b": img.ttft_s / bound,
                 "vision": img_full.prefill_s - txt_full.prefill_s,
@@ -738,6 +757,14 @@ def analyse(outcomes: list[Outcome], served: Served, budgets: list[int], probe_s
         }
         row["within_10pct_of_b"] = (row["ttft_over_bound_b"] <= 1 + GOAL_FRACTION
                                     if budget is not None and row["ttft_over_bound_b"] is not None else None)
+        bound_c, gap_c = paired.get("bound_c"), paired.get("gap_c")
+        row["control"] = None if bound_c is None else {
+            "ttft_s": med(f"control@{key}", "ttft_s"), "selector_metric_s": med(f"control@{key}", "selector_s"),
+            "bound_c_s": bound_c, "gap_c_s": gap_c, "ttft_over_bound_c": 1 + gap_c / bound_c,
+            "ttft_over_bound_c_per_round": per_round["ttft_over_bound_c"],
+            "ttft_minus_control_s": paired["over_control"],
+            "bound_b_per_round_s": per_round.get("bound_b", []), "bound_c_per_round_s": per_round["bound_c"],
+        }
         # What the depth cut exaggerates: the costs that do not grow with depth (selector, probe, request
         # overhead), set against bound (b) with the LLM prefill and the vision encoder scaled to the real depth.
         if budget is not None and None not in (text_prefill, paired.get("vision"), paired.get("full_overhead")):
@@ -784,6 +811,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n, t = served.num_visual, served.text_tokens
         specs = [Spec("image", None, t + n), *(Spec("image", k, t + min(k, n)) for k in args.budgets),
                  Spec("text", None, t + n), *(Spec("text", k, t + min(k, n)) for k in args.budgets)]
+        if args.control_selector:
+            specs += [Spec("control", k, t + min(k, n)) for k in args.budgets]
         server_args = ["--load-format", "dummy", "--dtype", "float32", "--seed", str(args.seed),
                        "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0"]
         log_path = args.server_log or Path(scratch) / "vllm.log"
@@ -822,7 +851,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "config": {
             "shape": args.shape, "real_model": SHAPES[args.shape]["real"], "quick": args.quick,
-            "budgets": args.budgets, "selector": args.selector, "rounds": args.rounds, "warmup": args.warmup,
+            "budgets": args.budgets, "selector": args.selector, "control_selector": args.control_selector,
+            "rounds": args.rounds, "warmup": args.warmup,
             "concurrency": args.concurrency, "max_tokens": args.max_tokens, "seed": args.seed,
             "image_px": SHAPES[args.shape]["image_px"], "views": served.views,
             "visual_tokens_N": served.num_visual, "text_tokens_T": served.text_tokens, "question": QUESTION,
@@ -870,6 +900,9 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "ttft_within_10pct_of_bound_b": (all(r["within_10pct_of_b"] for r in pruned_rows)
                                          if pruned_rows and all(r["within_10pct_of_b"] is not None
                                                                 for r in pruned_rows) else None),
+        "ttft_within_10pct_of_bound_c": (all(r["control"]["ttft_over_bound_c"] <= 1 + GOAL_FRACTION
+                                             for r in pruned_rows)
+                                         if pruned_rows and all(r.get("control") for r in pruned_rows) else None),
         "per_concurrency": verdicts,
         "never_slower": all(v["never_slower"] for v in verdicts) if verdicts else None,
         "meaningful": not config["quick"],
@@ -908,6 +941,31 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"| {r['budget']} | {r['prompt_tokens']} | {_ms(r['ttft_s'])} | {_ms(r['prefill_s'])} | {_ms(r['e2e_s'])} "
             f"| {_x(r['ratio_measured'])} | {_x(r['ratio_a'])} | {_x(r['ratio_a_real_model'])} | {_x(r['ratio_b'])} "
             f"| {_ms(r['ideal_a_s'])} | {_ms(r['bound_b_s'])} | {_x(r['ttft_over_bound_b'])} | {spread} | {within} |")
+    controls = [r for r in rows if r.get("control")]
+    if controls:
+        lines += [
+            "",
+            f"Cross-check with a near-free selector: the same request pruned to the same K by "
+            f"`{config.get('control_selector')}` (no text, no attention), sent next to it in every round. Bound (c) "
+            "= TTFT(control) - its selector time: the image path plus a T+K prefill, measured directly between "
+            "neighbours of K-sized requests, where (b) subtracts two T+N prefills (whose noise is the size of the "
+            "bound at high N). TTFT / bound (c) = 1 + median gap / median (c).",
+            "",
+            "| budget | TTFT | TTFT (control) | TTFT - TTFT (control) | bound (b) | (b) per round | bound (c) "
+            "| (c) per round | TTFT / bound (c) | per round |",
+            "|---|---:|---:|---:|---:|---|---:|---|---:|---|",
+        ]
+        for r in controls:
+            c = r["control"]
+
+            def spread(values: list[float], scale: float = 1000.0, digits: int = 0) -> str:
+                return f"{scale * min(values):,.{digits}f}–{scale * max(values):,.{digits}f}" if values else "–"
+
+            lines.append(
+                f"| {r['budget']} | {_ms(r['ttft_s'])} | {_ms(c['ttft_s'])} | {_ms(c['ttft_minus_control_s'])} "
+                f"| {_ms(r['bound_b_s'])} | {spread(c['bound_b_per_round_s'])} | {_ms(c['bound_c_s'])} "
+                f"| {spread(c['bound_c_per_round_s'])} | {_x(c['ttft_over_bound_c'])} "
+                f"| {spread(c['ttft_over_bound_c_per_round'], 1.0, 2)} |")
     lines += [
         "",
         "Components of TTFT (ms, medians): request overhead = TTFT - vLLM prefill time; vision encoder = "
@@ -1020,6 +1078,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axis.plot(xs, [r["ttft_s"] for r in rows], "ko", label="TTFT (measured)", zorder=4)
     axis.plot(xs, [r["bound_b_s"] for r in rows], "r_", markersize=26, markeredgewidth=2.5, label="bound (b)", zorder=3)
     axis.plot(xs, [r["ideal_a_s"] for r in rows], "b_", markersize=26, markeredgewidth=2.5, label="FLOP ideal (a)", zorder=3)
+    if any(r.get("control") for r in rows):
+        axis.plot(xs, [r["control"]["bound_c_s"] if r.get("control") else None for r in rows], "g_", markersize=26,
+                  markeredgewidth=2.5, label="bound (c): near-free selector", zorder=3)
     axis.set_xticks(xs, labels)
     axis.set_xlabel("visual token budget")
     axis.set_ylabel("seconds")

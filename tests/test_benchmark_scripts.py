@@ -33,9 +33,27 @@ def test_selector_latency_smoke(tmp_path: Path) -> None:
             64, 32, 8, "cpu", "float32"
         )
         assert len(entry["times_ms"]) == entry["repeats"] == 1
-    # the Markdown table names every selector
+    # the Markdown table names every selector, in the output and next to the JSON; the plot is a PNG
     for name in available_selectors():
         assert f"| {name} |" in done.stdout
+        assert f"| {name} |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_selector_latency_times_bfloat16_inputs(tmp_path: Path) -> None:
+    out = tmp_path / "bf16.json"
+    command = [
+        sys.executable, str(REPO_ROOT / "benchmarks" / "selector_latency.py"), "--sizes", "40", "--dim", "16",
+        "--budgets", "8", "--repeats", "1", "--devices", "cpu", "--dtypes", "float32", "bfloat16",
+        "--selectors", "textscythe", "divprune", "--no-plot", "--out", str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert sorted((r["selector"], r["dtype"]) for r in results) == [
+        ("divprune", "bfloat16"), ("divprune", "float32"), ("textscythe", "bfloat16"), ("textscythe", "float32")
+    ]
+    assert "**cpu, bfloat16**" in done.stdout and not out.with_suffix(".png").exists()
 
 
 def _load_script(name: str):
@@ -57,4 +75,5 @@ def test_selector_latency_arguments(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert defaults.selectors == available_selectors()
     assert defaults.out == REPO_ROOT / "benchmarks" / "results" / "selector_latency.json"
     quick = script.parse_args(["--quick"])
-    assert (quick.sizes, quick.budgets, quick.repeats) == ([576], [64], 2)
+    assert (quick.sizes, quick.budgets, quick.repeats, quick.dtypes) == ([576], [64], 2, ["float32"])
+    assert defaults.dtypes == ["float32", "bfloat16"]

@@ -124,6 +124,17 @@ def test_selector_overhead_smoke(tmp_path: Path) -> None:
     assert _load_script("selector_overhead").parse_args([]).sizes == [576, 2880]
 
 
+def test_selector_latency_vs_encoder_runs_the_overhead_measurement(tmp_path: Path) -> None:
+    out = tmp_path / "via_latency.json"
+    command = [sys.executable, str(BENCHMARKS / "selector_latency.py"), "--vs-encoder", "--quick", "--no-plot",
+               "--selectors", "cls_attention", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["selector"], r["N"], r["K"]) for r in report["results"]] == [("cls_attention", 576, 64)]
+    assert report["encoder"][0]["encoder_ms"] > 0 and "| cls_attention | 576 | 64 |" in done.stdout
+
+
 def test_lmms_eval_launcher_adds_the_budget_to_every_request() -> None:
     """The lmms-eval launcher's SDK patch puts the fields at the top level of sync and async request bodies."""
     import asyncio
@@ -207,6 +218,11 @@ def test_serving_flop_model_and_arguments() -> None:
     assert (defaults.shape, defaults.budgets, defaults.concurrency, defaults.llm_layers) == (
         "llava-1.5", [192, 128, 64], [1, 4, 16], 3)
     assert defaults.out.name == "serving.json"
+    assert defaults.control_selector == "uniform"
+    for bad in (["--control-selector", "nope"], ["--control-selector", "textscythe"]):
+        with pytest.raises(SystemExit):
+            script.parse_args(bad)
+    assert script.parse_args(["--control-selector", ""]).control_selector == ""
     next_args = script.parse_args(["--shape", "llava-next"])
     assert (next_args.budgets, next_args.concurrency, next_args.out.name) == ([320], [4], "serving_next.json")
     with pytest.raises(SystemExit):
@@ -241,17 +257,18 @@ def test_serving_smoke(tmp_path: Path) -> None:
 
     # every request, pruned or not, image or text-only, reported exactly the prompt tokens it was built for
     requests = report["requests"]
-    assert len(requests) == config["rounds"] * 4
+    assert len(requests) == config["rounds"] * 5
     for request in requests:
         assert request["error"] is None
         assert request["prompt_tokens"] == request["expected_tokens"]
         assert request["e2e_s"] >= request["ttft_s"] > 0 and request["prefill_s"] > 0
         assert request["completion_tokens"] == config["max_tokens"]
-    expected = {"image@none": t + n, "image@64": t + 64, "text@none": t + n, "text@64": t + 64}
+    expected = {"image@none": t + n, "image@64": t + 64, "text@none": t + n, "text@64": t + 64,
+                "control@64": t + 64}
     assert sorted({r["label"] for r in requests}) == sorted(expected)
     for request in requests:
         assert request["prompt_tokens"] == expected[request["label"]]
-    assert all(r["selector_s"] > 0 for r in requests if r["label"] == "image@64")
+    assert all(r["selector_s"] > 0 for r in requests if r["label"] in ("image@64", "control@64"))
     assert all(r["selector_s"] == 0 for r in requests if r["label"] == "image@none")
 
     rows = {row["budget"]: row for row in report["single_stream"]}
@@ -266,6 +283,13 @@ def test_serving_smoke(tmp_path: Path) -> None:
     assert set(gap) == {"request_overhead", "vision_encoder", "attention_extraction", "selector",
                         "llm_prefill_residual"}
     assert rows["64"]["within_10pct_of_b"] in (True, False)
+    # the control (the same request pruned by the near-free "uniform" selector, its own selector metric)
+    control = rows["64"]["control"]
+    assert config["control_selector"] == "uniform" and rows["none"]["control"] is None
+    assert len(control["bound_c_per_round_s"]) == config["rounds"] and control["bound_c_s"] > 0
+    assert control["ttft_over_bound_c"] == pytest.approx(1 + control["gap_c_s"] / control["bound_c_s"])
+    assert report["verdicts"]["ttft_within_10pct_of_bound_c"] in (True, False)
+    assert "bound (c)" in out.with_suffix(".md").read_text()
 
     levels = report["concurrency"]
     assert [level["concurrency"] for level in levels] == [1, 4]

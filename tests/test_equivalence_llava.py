@@ -2,7 +2,7 @@
 
 One tiny LLaVA-1.5 checkpoint with real (random, seeded) float32 weights is run three ways:
 
-* vLLM offline with the plugin (``tests/offline_runner.py`` in a subprocess: one batched ``LLM.generate`` with
+* vLLM offline with the plugin (``textscythe_vllm.testing.offline`` in a subprocess: one batched ``LLM.generate`` with
   every case, then every case alone), plus a probe that reads the plugin model's own [CLS] attention and
   pruned rows inside the worker;
 * stock vLLM (``VLLM_PLUGINS=``, same runner) on the cases without a budget;
@@ -22,11 +22,7 @@ The two engines run at the same time, one core each, while the reference is comp
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +34,10 @@ import torch
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.selectors import get_selector
 from textscythe_vllm.testing.images import scene
-from textscythe_vllm.testing.server import cpu_test_env
+from textscythe_vllm.testing.offline import finish_runner, read_selection_log, start_runner, stop_runner
 
 pytestmark = pytest.mark.server
 
-RUNNER = Path(__file__).with_name("offline_runner.py")
 IMAGE_TOKENS = 576  # 336 px / 14 px patches, [CLS] dropped
 MAX_TOKENS = 8
 RUN_TIMEOUT_S = 420
@@ -225,35 +220,6 @@ def request_spec(case: Case) -> dict[str, Any]:
     }
 
 
-def start_runner(model_dir: Path, workdir: Path, name: str, cases: list[Case], env: dict[str, str],
-                 probe: list[dict[str, Any]] | None = None) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    spec = {
-        "model": str(model_dir), "requests": [request_spec(case) for case in cases], "solo": True,
-        "probe": probe or [], "output": str(workdir / f"{name}-results.json"),
-    }
-    spec_path = workdir / f"{name}-spec.json"
-    spec_path.write_text(json.dumps(spec))
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(RUNNER), str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
-            env=cpu_test_env(env), start_new_session=True,
-        )
-    return process, Path(spec["output"]), log_path
-
-
-def finish_runner(process: subprocess.Popen[bytes], output: Path, log_path: Path, deadline: float) -> dict:
-    try:
-        process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    if process.returncode != 0 or not output.exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
-        pytest.fail(f"{log_path.name}: runner exited with {process.returncode}\n{tail}")
-    return json.loads(output.read_text())
-
-
 @pytest.fixture(scope="module")
 def hf(tiny_llava_weights_dir: Path) -> HFReference:
     return HFReference(tiny_llava_weights_dir)
@@ -276,21 +242,19 @@ def vllm_processes(tiny_llava_weights_dir: Path, probe_spec, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("equivalence")
     runs = {
         "plugin": start_runner(
-            tiny_llava_weights_dir, workdir, "plugin", CASES,
+            tiny_llava_weights_dir, workdir, "plugin", [request_spec(case) for case in CASES],
             {"VLLM_PLUGINS": "textscythe", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
              "VLLM_CPU_OMP_THREADS_BIND": "0", SELECTION_LOG_ENV: str(workdir / "plugin-selections.jsonl")},
-            probe_spec,
+            probe=probe_spec,
         ),
         "stock": start_runner(
-            tiny_llava_weights_dir, workdir, "stock", UNPRUNED_CASES,
+            tiny_llava_weights_dir, workdir, "stock", [request_spec(case) for case in UNPRUNED_CASES],
             {"VLLM_PLUGINS": "", "VLLM_CPU_OMP_THREADS_BIND": str(min(1, (os.cpu_count() or 1) - 1))},
         ),
     }
     yield runs, time.monotonic() + RUN_TIMEOUT_S, workdir
     for process, _, _ in runs.values():
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_runner(process)
 
 
 @pytest.fixture(scope="module")
@@ -313,9 +277,7 @@ def vllm_runs(vllm_processes) -> dict[str, dict[str, Any]]:
             "timings": results["timings"],
         }
     # every selection the plugin's worker made (engine and probe), one JSON record per pruned image
-    selection_log = workdir / "plugin-selections.jsonl"
-    lines = selection_log.read_text().splitlines() if selection_log.exists() else []
-    runs["plugin"]["selections"] = [json.loads(line) for line in lines]
+    runs["plugin"]["selections"] = read_selection_log(workdir / "plugin-selections.jsonl")
     return runs
 
 

@@ -17,7 +17,13 @@ import torch
 import textscythe_vllm.selectors.base as base_module
 import textscythe_vllm.selectors.divprune as divprune_module
 from textscythe_vllm.selectors import get_selector
-from textscythe_vllm.selectors.base import greedy_by_penalty_rows, greedy_diverse_fill, l2_normalize
+from textscythe_vllm.selectors.base import (
+    cosine_gram,
+    greedy_by_penalty_rows,
+    greedy_diverse_fill,
+    l2_normalize,
+    scratch,
+)
 
 PATHS = ("gram", "matvec")
 
@@ -113,7 +119,7 @@ def test_gram_path_matches_the_original_loop_on_generic_float32(seed, force_path
 @pytest.mark.parametrize(("seed", "gathered"), [(0, False), (2, True)])
 def test_cost_model_picks_the_gram_for_long_fills(seed, gathered, monkeypatch):
     """The Gram has ``M = C`` rows when that halves it, else ``M = N``; it is built when
-    ``count * N * GRAM_SPEEDUP >= M**2`` and ``M**2 <= GRAM_MAX_ELEMENTS``; otherwise the matrix-vector loop."""
+    ``2 * count * N * GRAM_SPEEDUP >= M**2`` and ``M**2 <= GRAM_MAX_ELEMENTS``; otherwise the matrix-vector loop."""
     built: list[int] = []
     real = base_module.gather_rows
     monkeypatch.setattr(base_module, "gather_rows", lambda matrix: built.append(matrix.shape[0]) or real(matrix))
@@ -121,7 +127,7 @@ def test_cost_model_picks_the_gram_for_long_fills(seed, gathered, monkeypatch):
     num_candidates = int(candidates.sum())
     size = num_candidates if gathered else 576
     assert (2 * num_candidates**2 < 576**2) == gathered
-    short = size**2 // (576 * base_module.GRAM_SPEEDUP) - 1
+    short = size**2 // (2 * 576 * base_module.GRAM_SPEEDUP) - 1
     expected = naive_fill(unit, base, candidates, short + 2)
     assert greedy_diverse_fill(unit, base, candidates, short, num_candidates=num_candidates).tolist() \
         == expected[:short]
@@ -150,6 +156,61 @@ def test_greedy_by_penalty_rows_blocks_picks_and_honours_minus_inf():
     picked = greedy_by_penalty_rows(first, 3, lambda choice: rows[choice[0]])
     assert picked.tolist() == [1, 0, 3]  # 1; rows[1] -> 0 (5 > 4, 1 blocked); min with rows[0] -> 3 (2: -inf)
     assert greedy_by_penalty_rows(first, 0, lambda choice: rows[choice[0]]).tolist() == []
+
+
+# ------------------------------------------------------------------------------------- Gram and buffers
+@pytest.mark.parametrize("num_rows", [1, 255, 256, 257, 700])
+def test_cosine_gram_is_the_gemm_and_exactly_symmetric(num_rows):
+    unit = l2_normalize(torch.randn(num_rows, 48, generator=torch.Generator().manual_seed(num_rows)))
+    gram = cosine_gram(unit)
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, unit @ unit.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gram, unit.double() @ unit.double().T, rtol=0, atol=1e-6, check_dtype=False)
+    out = torch.full((num_rows, num_rows), math.nan)
+    assert cosine_gram(unit, out=out) is out and torch.equal(out, gram)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l2_normalize_is_torch_normalize_bit_for_bit(dtype):
+    rows = torch.randn(300, 77, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    rows[3] = 0.0
+    expected = torch.nn.functional.normalize(rows, dim=-1)
+    assert torch.equal(l2_normalize(rows), expected)
+    out = torch.empty_like(rows)
+    assert l2_normalize(rows, out=out) is out and torch.equal(out, expected)
+
+
+def test_scratch_reuses_one_buffer_per_slot_and_dtype(monkeypatch):
+    like = torch.zeros(1)
+    first = scratch("test_slot", (10, 4), like)
+    smaller = scratch("test_slot", (3, 5), like)
+    assert smaller.data_ptr() == first.data_ptr() and smaller.shape == (3, 5)
+    grown = scratch("test_slot", (20, 4), like)
+    assert grown.numel() == 80 and scratch("test_slot", (2,), like).data_ptr() == grown.data_ptr()
+    other_dtype = scratch("test_slot", (2,), like, torch.float64)
+    assert other_dtype.dtype == torch.float64
+    assert scratch("another_slot", (2,), like).data_ptr() != scratch("test_slot", (2,), like).data_ptr()
+    monkeypatch.setattr(base_module, "SCRATCH_MAX_BYTES", 64)
+    oversized = scratch("test_slot", (17,), like)  # 68 bytes: a fresh tensor, the kept buffer is untouched
+    assert oversized.data_ptr() != scratch("test_slot", (2,), like).data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["textscythe", "divprune", "visionzip", "dart", "icctp", "visiondrop"])
+def test_results_never_alias_the_reused_buffers(name, dtype, force_path):
+    """A second selection (which overwrites every scratch buffer) leaves the first result intact."""
+    force_path("gram")
+    generator = torch.Generator().manual_seed(3)
+    first_inputs = (torch.randn(120, 32, generator=generator).to(dtype), torch.randn(6, 32, generator=generator),
+                    torch.rand(120, generator=generator))
+    selector = get_selector(name)
+    first = selector.select(*first_inputs, budget=40)
+    saved = (first.indices.clone(), first.embeddings.clone())
+    selector.select(torch.randn(120, 32, generator=generator).to(dtype) * 5, torch.randn(6, 32, generator=generator),
+                    torch.rand(120, generator=generator), budget=40)
+    assert torch.equal(first.indices, saved[0]) and torch.equal(first.embeddings, saved[1])
+    again = selector.select(*first_inputs, budget=40)
+    assert torch.equal(again.indices, saved[0]) and torch.equal(again.embeddings, saved[1])
 
 
 # ------------------------------------------------------------------------------------------------ divprune

@@ -3,7 +3,7 @@
 One tiny Qwen2.5-VL checkpoint with random, seeded float32 weights (``textscythe_vllm.testing.tiny_qwen``) runs
 (one engine at a time, both cores; ~4 minutes in all on a 2-core machine):
 
-* vLLM offline with the plugin (``tests/qwen2_5_vl_runner.py`` in a subprocess) with chunked prefill on and
+* vLLM offline with the plugin (``textscythe_vllm.testing.offline`` in a subprocess) with chunked prefill on and
   ``max_num_batched_tokens=64``, so images and videos are split across prefill steps: one batched
   ``LLM.generate`` with every case (mixed budgets, interleaved chunks), then every case alone;
 * stock vLLM (``VLLM_PLUGINS=``, same runner and options) on the cases without a budget;
@@ -24,10 +24,6 @@ selection both differ from vLLM's log-probabilities by far more than the toleran
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +35,10 @@ import torch
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.selectors import get_selector
 from textscythe_vllm.testing.images import scene
-from textscythe_vllm.testing.server import cpu_test_env
+from textscythe_vllm.testing.offline import finish_runner, read_selection_log, start_runner, stop_runner
 
 pytestmark = pytest.mark.server
 
-RUNNER = Path(__file__).with_name("qwen2_5_vl_runner.py")
 MAX_TOKENS = 8
 RUN_TIMEOUT_S = 480
 CHUNK_TOKENS = 64  # max_num_batched_tokens: every image/video below spans two or more prefill steps
@@ -326,39 +321,17 @@ def request_spec(case: Case) -> dict[str, Any]:
     }
 
 
-def start_runner(model_dir: Path, workdir: Path, name: str, cases: list[Case], env: dict[str, str],
-                 probe: list[dict[str, Any]] | None = None):
-    probe_path = ""
+def start_qwen_runner(model_dir: Path, workdir: Path, name: str, cases: list[Case], env: dict[str, str],
+                      probe: list[dict[str, Any]] | None = None):
+    probe_path = None
     if probe:
         probe_path = str(workdir / f"{name}-probe.pt")
         torch.save(probe, probe_path)
-    spec = {
-        "model": str(model_dir), "requests": [request_spec(case) for case in cases], "solo": True,
-        "probe": probe_path,
-        "llm_kwargs": {"max_num_batched_tokens": CHUNK_TOKENS, "enable_chunked_prefill": True},
-        "output": str(workdir / f"{name}-results.json"),
-    }
-    spec_path = workdir / f"{name}-spec.json"
-    spec_path.write_text(json.dumps(spec))
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(RUNNER), str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
-            env=cpu_test_env(env), start_new_session=True,
-        )
-    return process, Path(spec["output"]), log_path
-
-
-def finish_runner(process, output: Path, log_path: Path, deadline: float) -> dict:
-    try:
-        process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    if process.returncode != 0 or not output.exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
-        pytest.fail(f"{log_path.name}: runner exited with {process.returncode}\n{tail}")
-    return json.loads(output.read_text())
+    return start_runner(
+        model_dir, workdir, name, [request_spec(case) for case in cases], env, probe_items=probe_path,
+        llm_kwargs={"max_num_batched_tokens": CHUNK_TOKENS, "enable_chunked_prefill": True,
+                    "limit_mm_per_prompt": {"image": 2, "video": 2}},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -386,16 +359,14 @@ def plugin_process(tiny_qwen_weights_dir: Path, hf: HFReference, tmp_path_factor
         pixel_values, grid_thw, _ = hf.pixel_inputs(spec)
         raw, _, _ = hf.pixel_inputs(spec, do_rescale=False, do_normalize=False)
         probe.append({"pixel_values": pixel_values, "raw_pixel_values": raw, "grid_thw": grid_thw})
-    run = start_runner(
+    run = start_qwen_runner(
         tiny_qwen_weights_dir, workdir, "plugin", CASES,
         {"VLLM_PLUGINS": "textscythe", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
          SELECTION_LOG_ENV: str(workdir / "plugin-selections.jsonl")},
         probe,
     )
     yield run, workdir
-    if run[0].poll() is None:
-        os.killpg(run[0].pid, signal.SIGKILL)
-        run[0].wait()
+    stop_runner(run[0])
 
 
 @pytest.fixture(scope="module")
@@ -411,13 +382,11 @@ def vllm_runs(plugin_process, tiny_qwen_weights_dir: Path) -> dict[str, dict[str
     runs: dict[str, dict[str, Any]] = {}
     results = finish_runner(process, output, log_path, time.monotonic() + RUN_TIMEOUT_S)
     runs["plugin"] = {"results": results, "log": log_path.read_text(errors="replace")}
-    stock = start_runner(tiny_qwen_weights_dir, workdir, "stock", UNPRUNED_CASES, {"VLLM_PLUGINS": ""})
+    stock = start_qwen_runner(tiny_qwen_weights_dir, workdir, "stock", UNPRUNED_CASES, {"VLLM_PLUGINS": ""})
     try:
         runs["stock"] = {"results": finish_runner(*stock, time.monotonic() + RUN_TIMEOUT_S)}
     finally:
-        if stock[0].poll() is None:
-            os.killpg(stock[0].pid, signal.SIGKILL)
-            stock[0].wait()
+        stop_runner(stock[0])
     for run in runs.values():
         results = run.pop("results")
         run.update(
@@ -426,9 +395,7 @@ def vllm_runs(plugin_process, tiny_qwen_weights_dir: Path) -> dict[str, dict[str
             timings=results["timings"],
             probe=results.get("probe", []),
         )
-    selection_log = workdir / "plugin-selections.jsonl"
-    lines = selection_log.read_text().splitlines() if selection_log.exists() else []
-    runs["plugin"]["selections"] = [json.loads(line) for line in lines]
+    runs["plugin"]["selections"] = read_selection_log(workdir / "plugin-selections.jsonl")
     print("engine timings:", {name: run["timings"] for name, run in runs.items()})
     return runs
 

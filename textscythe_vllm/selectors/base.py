@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,9 +58,47 @@ def check_budget(budget: object) -> int:
     return check_integer("budget", budget, minimum=1)
 
 
-def l2_normalize(x: Tensor) -> Tensor:
-    """Row-wise L2 normalisation; all-zero rows stay zero (cosine 0 with everything)."""
-    return torch.nn.functional.normalize(x, p=2.0, dim=-1, eps=1e-12)
+def l2_normalize(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """Row-wise L2 normalisation; all-zero rows stay zero (cosine 0 with everything).
+
+    The arithmetic of ``torch.nn.functional.normalize`` (``x / max(||x||, 1e-12)``), optionally into ``out``.
+    """
+    norm = torch.linalg.vector_norm(x, ord=2, dim=-1, keepdim=True).clamp_min_(1e-12)
+    return torch.div(x, norm, out=out) if out is not None else x / norm
+
+
+#: The largest buffer :func:`scratch` keeps per slot (bigger requests get a fresh tensor): 128 MiB, e.g. an
+#: 8,192 x 4,096 float32 matrix; a worker thread keeps at most four slots.
+SCRATCH_MAX_BYTES = 1 << 27
+
+
+class _ScratchBuffers(threading.local):
+    def __init__(self) -> None:
+        self.by_slot: dict[str, Tensor] = {}
+
+
+_scratch = _ScratchBuffers()
+
+
+def scratch(slot: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised ``shape`` tensor on ``like``'s device (``dtype``, default ``like``'s), reused across
+    calls on the CPU.
+
+    A fresh tensor of tens of MB costs more in page faults than the arithmetic that fills it (glibc returns
+    such blocks to the OS on free: a new ``[2880, 4096]`` float32 tensor costs ~18 ms on 2 cores, filling it
+    ~3 ms), so the selectors' large temporaries (float32 and unit rows, the Gram matrix) live in one buffer
+    per ``slot`` and thread, grown to the largest size seen up to :data:`SCRATCH_MAX_BYTES`. CUDA's caching
+    allocator already reuses blocks: there it is ``torch.empty``. The caller must not let the result (or a
+    view of it) outlive its own call.
+    """
+    dtype = like.dtype if dtype is None else dtype
+    numel = math.prod(shape)
+    if like.device.type != "cpu" or numel * dtype.itemsize > SCRATCH_MAX_BYTES:
+        return like.new_empty(shape, dtype=dtype)
+    buffer = _scratch.by_slot.get(slot)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffer = _scratch.by_slot[slot] = torch.empty(numel, dtype=dtype, device=like.device)
+    return buffer[:numel].view(shape)
 
 
 def minmax_normalize(attention: Tensor | None, num_tokens: int, like: Tensor) -> Tensor:
@@ -77,16 +116,37 @@ def stable_top_k(scores: Tensor, k: int) -> Tensor:
     return torch.sort(scores, descending=True, stable=True).indices[:k]
 
 
-#: :func:`greedy_diverse_fill` builds a Gram matrix of ``M`` rows when ``count * N * GRAM_SPEEDUP >= M * M``.
-#: One ``[M, D] x [D, M]`` GEMM does ``M * M / (count * N)`` times the multiply-adds of ``count``
-#: ``[N, D] @ [D]`` products, but a GEMM is compute-bound while each matrix-vector product re-reads the whole
-#: ``[N, D]`` matrix (memory-bound): on 2 AVX2 cores (MKL, float32, D = 4096) the GEMM does 6-10x more
-#: multiply-adds per second (docs/benchmarks.md, selector overhead), so at N = 576 the Gram wins from about
-#: 70 fill steps, at N = 2880 from about 360.
+#: :func:`greedy_diverse_fill` builds a Gram matrix of ``M`` rows when ``2 * count * N * GRAM_SPEEDUP >= M * M``.
+#: The symmetric Gram (:func:`cosine_gram`) costs ``M * M / 2`` row dot products at GEMM speed; the
+#: matrix-vector loop costs ``count * N`` at matrix-vector speed, and each of its ``[N, D] @ [D]`` products
+#: re-reads the whole ``[N, D]`` matrix (memory-bound) while the GEMM is compute-bound: on 2 AVX2 cores
+#: (MKL, float32, D = 4096) the GEMM does ~6x more multiply-adds per second at N = 576 and ~10x at N = 2880
+#: (measured crossovers: ~50 and ~150 fill steps); 8 puts the switch at 36 and 180 steps, within 30% of
+#: the faster path on either side.
 GRAM_SPEEDUP = 8
 #: The largest Gram matrix (entries) a selector materialises: ``M <= 4096`` rows (64 MiB in float32; 33 MB at
 #: M = 2880, 1.3 MB at M = 576). Above it the matrix-vector loop runs.
 GRAM_MAX_ELEMENTS = 1 << 24
+#: Row-block height of :func:`cosine_gram` (256 rows of a 4096-wide float32 matrix: 4 MiB, cache-friendly
+#: GEMM panels; 128-512 are within noise of each other on 2 AVX2 cores).
+GRAM_BLOCK_ROWS = 256
+
+
+def cosine_gram(unit: Tensor, out: Tensor | None = None) -> Tensor:
+    """``unit @ unit.T`` for rows ``unit [M, D]`` -> ``[M, M]``, each off-diagonal block computed once.
+
+    Row block ``b`` multiplies against rows ``b..M`` only and its transpose fills the mirrored block below
+    the diagonal: ~half the multiply-adds of one GEMM (at N = 2880, D = 4096: ~0.28 s instead of ~0.44 s on
+    2 AVX2 cores), and the result is exactly symmetric. Entries round like any GEMM (not like ``mv``).
+    """
+    num_rows = unit.shape[0]
+    gram = unit.new_empty((num_rows, num_rows)) if out is None else out
+    for start in range(0, num_rows, GRAM_BLOCK_ROWS):
+        stop = min(num_rows, start + GRAM_BLOCK_ROWS)
+        upper = gram[start:stop, start:]  # [b, M - start]: this block's diagonal part and everything right of it
+        torch.mm(unit[start:stop], unit[start:].T, out=upper)
+        gram[stop:, start:stop] = upper[:, stop - start:].T
+    return gram
 
 
 def greedy_diverse_fill(
@@ -109,11 +169,11 @@ def greedy_diverse_fill(
     costs less; the picks are the same up to the rounding of the similarities (GEMM and matrix-vector
     products round differently), i.e. only ties closer than float precision can break differently:
 
-    * **Gram** (``count * N * GRAM_SPEEDUP >= M * M`` and ``M * M <= GRAM_MAX_ELEMENTS``): one
-      ``[M, D] x [D, M]`` GEMM, turned into ``base - cos`` in place; a step is then a row gather, a
+    * **Gram** (``2 * count * N * GRAM_SPEEDUP >= M * M`` and ``M * M <= GRAM_MAX_ELEMENTS``): the symmetric
+      :func:`cosine_gram` of ``M`` rows, turned into ``base - cos`` in place; a step is then a row gather, a
       ``minimum`` and an ``argmax`` over ``[M]``. ``M = C`` (the candidate rows, gathered first) when that at
       least halves the GEMM, else ``M = N`` (no ``[C, D]`` copy; non-candidates score ``-inf``). Extra
-      memory: ``M * M`` scores.
+      memory: ``M * M`` scores (a reused :func:`scratch` buffer on the CPU).
     * **matrix-vector**: one ``[N, D] @ [D]`` product per step into a preallocated buffer (the arithmetic of
       the original loop, so its picks are bit-identical to it); no extra memory.
     """
@@ -124,13 +184,16 @@ def greedy_diverse_fill(
         num_candidates = int(candidates.sum())
     subset = 2 * num_candidates * num_candidates < num_tokens * num_tokens  # the candidates' Gram is < half
     size = num_candidates if subset else num_tokens
-    if count > 1 and size * size <= GRAM_MAX_ELEMENTS and count * num_tokens * GRAM_SPEEDUP >= size * size:
+    if count > 1 and size * size <= GRAM_MAX_ELEMENTS and 2 * count * num_tokens * GRAM_SPEEDUP >= size * size:
         positions = positions_where_false(~candidates, num_candidates) if subset else None  # [C] ascending
         if positions is not None:
-            rows, base = unit_visual.index_select(0, positions), base_score.index_select(0, positions)
+            rows = torch.index_select(
+                unit_visual, 0, positions, out=scratch("fill_rows", (size, unit_visual.shape[1]), unit_visual)
+            )
+            base = base_score.index_select(0, positions)
         else:
             rows, base = unit_visual, torch.where(candidates, base_score, -math.inf)
-        penalty = rows @ rows.T  # [M, M] cosine similarities ...
+        penalty = cosine_gram(rows, out=scratch("gram", (size, size), rows))  # [M, M] cosine similarities ...
         torch.sub(base, penalty, out=penalty)  # ... -> base[j] - cos(V_i, V_j), in place
         picked = greedy_by_penalty_rows(base, count, gather_rows(penalty))
         return picked if positions is None else positions.index_select(0, picked)
@@ -308,7 +371,11 @@ class TokenSelector(ABC):
                 indices=torch.arange(num_tokens, device=visual.device), embeddings=visual
             )
         score_dtype = torch.float64 if visual.dtype == torch.float64 else torch.float32
-        visual_f = visual.to(score_dtype)
+        # ``_select`` never returns a view of its inputs (pure pruning gathers from ``visual`` below), so the
+        # float32 copy of a bfloat16/float16 input can live in a reused buffer.
+        visual_f = visual if visual.dtype == score_dtype else scratch(
+            "visual", tuple(visual.shape), visual, score_dtype
+        ).copy_(visual)
         if text is None:
             text_f = visual_f.new_zeros((0, visual.shape[1]))
         else:

@@ -14,7 +14,8 @@ Interpretation (as in the official code, on the projected visual features):
 
 Ties go to the lower index (``argmax`` takes the first maximum). Picked tokens are masked out explicitly, so
 ``k`` distinct tokens come back even when many rows are identical (the official code could re-pick one).
-Cost: the nearest-neighbour pass needs the whole ``N x N`` similarity, one GEMM. Up to ``N = 4096``
+Cost: the nearest-neighbour pass needs the whole ``N x N`` similarity (``base.cosine_gram``: each
+off-diagonal block once, ~half a GEMM). Up to ``N = 4096``
 (``base.GRAM_MAX_ELEMENTS`` entries; 33 MB at N = 2880 in float32) it is kept and each greedy step is a row
 gather, an in-place ``minimum`` and an ``argmax`` over ``[N]``, as in the official code's full distance
 matrix; above that the similarity is computed in row chunks (never more than ``_CHUNK_ELEMENTS`` entries at
@@ -34,9 +35,11 @@ from torch import Tensor
 from textscythe_vllm.selectors.base import (
     GRAM_MAX_ELEMENTS,
     TokenSelector,
+    cosine_gram,
     gather_rows,
     greedy_by_penalty_rows,
     l2_normalize,
+    scratch,
 )
 
 #: the most similarity entries materialised at once in the nearest-neighbour pass (16 MiB in float32).
@@ -66,10 +69,10 @@ class DivPruneSelector(TokenSelector):
     name: ClassVar[str] = "divprune"
 
     def _select(self, visual: Tensor, text: Tensor, attention: Tensor | None, k: int) -> Tensor:
-        unit = l2_normalize(visual)
+        unit = l2_normalize(visual, out=scratch("unit", tuple(visual.shape), visual))
         num_tokens = visual.shape[0]
         if num_tokens * num_tokens <= GRAM_MAX_ELEMENTS:
-            distance = unit @ unit.T  # [N, N] similarity ...
+            distance = cosine_gram(unit, out=scratch("gram", (num_tokens, num_tokens), unit))  # [N, N] similarity ...
             distance.diagonal().fill_(-math.inf)  # ... without self-similarity
             nearest_distance = 1.0 - distance.amax(dim=1)
             torch.sub(1.0, distance, out=distance)  # ... -> 1 - cos (+inf on the diagonal: never the minimum)
