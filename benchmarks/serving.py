@@ -358,6 +358,10 @@ class Requests:
         self.text = TextPrompts(tokenizer, args.seed)
         self.next_image = args.seed * 100_000 + 1
 
+    def selector(self, spec: Spec) -> str:
+        """The ``visual_token_selector`` of a request type (its metric label too)."""
+        return self.args.control_selector if spec.kind == "control" else self.args.selector
+
     def body(self, spec: Spec) -> dict[str, Any]:
         if spec.has_image:
             self.next_image += 1
@@ -372,7 +376,7 @@ class Requests:
         }
         if spec.has_image and spec.budget is not None:
             body["visual_token_budget"] = spec.budget
-            body["visual_token_selector"] = self.args.control_selector if spec.kind == "control" else self.args.selector
+            body["visual_token_selector"] = self.selector(spec)
         return body
 
 
@@ -504,7 +508,7 @@ async def single_stream(args: argparse.Namespace, base_url: str, requests: Reque
                 before = await scrape(client, base_url)
                 outcome = await stream_request(client, url, body, spec)
                 after = await settled(client, base_url, before, 1)
-                delta = deltas(before, after, args.control_selector if spec.kind == "control" else args.selector)
+                delta = deltas(before, after, requests.selector(spec))
                 outcome.prefill_s, outcome.queue_s, outcome.decode_s = (delta["prefill_s"], delta["queue_s"],
                                                                         delta["decode_s"])
                 outcome.selector_s = delta["selector_s"] if spec.has_image else None
@@ -694,13 +698,6 @@ def analyse(outcomes: list[Outcome], served: Served, budgets: list[int], probe_s
             img, txt, img_full, txt_full = group
             sel = (img.selector_s or 0.0) if budget is not None else 0.0
             bound = img_full.ttft_s - (txt_full.ttft_s - txt.ttft_s)
-            control = rounds_of.get(f"control@{key}", {}).get(r)
-            if control is not None:
-                control_bound = control.ttft_s - (control.selector_s or 0.0)
-                for name, value in {"bound_c": control_bound, "gap_c": img.ttft_s - control_bound,
-                                    "ttft_over_bound_c": img.ttft_s / control_bound,
-                                    "over_control": img.ttft_s - control.ttft_s}.items():
-                    per_round.setdefault(name, []).append(value)
             values = {
                 "bound_b": bound, "gap_b": img.ttft_s - bound, "ttft_over_bound_b": img.ttft_s / bound,
                 "vision": img_full.prefill_s - txt_full.prefill_s,
@@ -709,6 +706,11 @@ def analyse(outcomes: list[Outcome], served: Served, budgets: list[int], probe_s
                                    - (txt.ttft_s - txt.prefill_s) + (txt_full.ttft_s - txt_full.prefill_s)),
                 "full_overhead": img_full.ttft_s - img_full.prefill_s,
             }
+            control = rounds_of.get(f"control@{key}", {}).get(r)
+            if control is not None:
+                control_bound = control.ttft_s - (control.selector_s or 0.0)
+                values.update(bound_c=control_bound, gap_c=img.ttft_s - control_bound,
+                              ttft_over_bound_c=img.ttft_s / control_bound, over_control=img.ttft_s - control.ttft_s)
             for name, value in values.items():
                 per_round.setdefault(name, []).append(value)
         paired = {name: statistics.median(values) for name, values in per_round.items()}
@@ -919,6 +921,11 @@ def _x(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _range(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``min–max`` of per-round values (``–`` when there are none)."""
+    return f"{scale * min(values):,.{digits}f}–{scale * max(values):,.{digits}f}" if values else "–"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     config, rows = report["config"], report["single_stream"]
     n, t = config["visual_tokens_N"], config["text_tokens_T"]
@@ -935,8 +942,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     for r in rows:
         within = "–" if r["within_10pct_of_b"] is None else ("yes" if r["within_10pct_of_b"] else "**no**")
-        paired = r["ttft_over_bound_b_per_round"]
-        spread = f"{min(paired):.2f}–{max(paired):.2f}" if paired and r["budget"] != NO_BUDGET else "–"
+        spread = _range(r["ttft_over_bound_b_per_round"]) if r["budget"] != NO_BUDGET else "–"
         lines.append(
             f"| {r['budget']} | {r['prompt_tokens']} | {_ms(r['ttft_s'])} | {_ms(r['prefill_s'])} | {_ms(r['e2e_s'])} "
             f"| {_x(r['ratio_measured'])} | {_x(r['ratio_a'])} | {_x(r['ratio_a_real_model'])} | {_x(r['ratio_b'])} "
@@ -957,15 +963,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         ]
         for r in controls:
             c = r["control"]
-
-            def spread(values: list[float], scale: float = 1000.0, digits: int = 0) -> str:
-                return f"{scale * min(values):,.{digits}f}–{scale * max(values):,.{digits}f}" if values else "–"
-
             lines.append(
                 f"| {r['budget']} | {_ms(r['ttft_s'])} | {_ms(c['ttft_s'])} | {_ms(c['ttft_minus_control_s'])} "
-                f"| {_ms(r['bound_b_s'])} | {spread(c['bound_b_per_round_s'])} | {_ms(c['bound_c_s'])} "
-                f"| {spread(c['bound_c_per_round_s'])} | {_x(c['ttft_over_bound_c'])} "
-                f"| {spread(c['ttft_over_bound_c_per_round'], 1.0, 2)} |")
+                f"| {_ms(r['bound_b_s'])} | {_range(c['bound_b_per_round_s'], 1000.0, 0)} | {_ms(c['bound_c_s'])} "
+                f"| {_range(c['bound_c_per_round_s'], 1000.0, 0)} | {_x(c['ttft_over_bound_c'])} "
+                f"| {_range(c['ttft_over_bound_c_per_round'])} |")
     lines += [
         "",
         "Components of TTFT (ms, medians): request overhead = TTFT - vLLM prefill time; vision encoder = "

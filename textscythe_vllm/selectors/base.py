@@ -101,6 +101,12 @@ def scratch(slot: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype 
     return buffer[:numel].view(shape)
 
 
+def unit_rows(visual: Tensor) -> Tensor:
+    """:func:`l2_normalize` of ``visual [N, D]`` into the reused ``"unit"`` :func:`scratch` buffer (valid until the
+    next selection on this thread)."""
+    return l2_normalize(visual, out=scratch("unit", tuple(visual.shape), visual))
+
+
 def minmax_normalize(attention: Tensor | None, num_tokens: int, like: Tensor) -> Tensor:
     """Min-max normalise attention to [0, 1] over all tokens; zeros if absent or constant. ``[N]`` float."""
     if attention is None:

@@ -38,8 +38,8 @@ from textscythe_vllm.selectors.base import (
     cosine_gram,
     gather_rows,
     greedy_by_penalty_rows,
-    l2_normalize,
     scratch,
+    unit_rows,
 )
 
 #: the most similarity entries materialised at once in the nearest-neighbour pass (16 MiB in float32).
@@ -69,7 +69,7 @@ class DivPruneSelector(TokenSelector):
     name: ClassVar[str] = "divprune"
 
     def _select(self, visual: Tensor, text: Tensor, attention: Tensor | None, k: int) -> Tensor:
-        unit = l2_normalize(visual, out=scratch("unit", tuple(visual.shape), visual))
+        unit = unit_rows(visual)
         num_tokens = visual.shape[0]
         if num_tokens * num_tokens <= GRAM_MAX_ELEMENTS:
             distance = cosine_gram(unit, out=scratch("gram", (num_tokens, num_tokens), unit))  # [N, N] similarity ...

@@ -37,8 +37,8 @@ from textscythe_vllm.selectors.base import (
     greedy_diverse_fill,
     l2_normalize,
     minmax_normalize,
-    scratch,
     stable_top_k,
+    unit_rows,
 )
 
 
@@ -109,8 +109,7 @@ class TextScytheSelector(TokenSelector):
         return key_text, relevant, key_strength
 
     def _select(self, visual: Tensor, text: Tensor, attention: Tensor | None, k: int) -> Selection:
-        # [N, D], shared by the similarity and the diversity terms
-        unit_visual = l2_normalize(visual, out=scratch("unit", tuple(visual.shape), visual))
+        unit_visual = unit_rows(visual)  # [N, D], shared by the similarity and the diversity terms
         key_text, relevant, key_strength = self.relevant_tokens(unit_visual, text)
         num_relevant = int(relevant.sum())  # the one host sync: it sizes the fill loop below
         if num_relevant >= k:
