@@ -256,3 +256,43 @@ def test_profiling_inputs_stay_unpruned_under_a_server_default_budget(tiny_llava
     override, override_hash = placeholders(visual_token_budget=32)
     assert override == [32] and override_hash != default_hash
     assert "not a valid argument" not in caplog.text
+
+
+def test_processor_takes_only_the_plugins_keys_from_a_request(tiny_llava_dir, caplog):
+    """Whatever frontend a request used: HF options that would kill the worker, and forged private keys, are
+    dropped by the processor itself; the operator's --mm-processor-kwargs still apply."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+
+    from textscythe_vllm.plugin import register
+    from textscythe_vllm.testing.images import scene
+
+    register()
+
+    def process(server_kwargs=None, **request_kwargs):
+        processor = MULTIMODAL_REGISTRY.create_processor(
+            ModelConfig(model=str(tiny_llava_dir), mm_processor_kwargs=server_kwargs)
+        )
+        tokenizer = processor.info.get_tokenizer()
+        prompt = tokenizer.encode("USER: <image>\nwhat colour is the umbrella ? ASSISTANT:")
+        items = processor.info.parse_mm_data({"image": [scene(1, 500, 500)]})
+        inputs = ProcessorInputs(prompt, items, hf_processor_mm_kwargs=request_kwargs)
+        result = processor.apply(inputs, TimingContext(enabled=False))
+        item = result["mm_kwargs"]["image"][0]
+        return (item["pixel_values"].data, [p.length for p in result["mm_placeholders"]["image"]],
+                result["mm_hashes"]["image"][0])
+
+    clean_pixels, clean_tokens, clean_hash = process()
+    assert clean_pixels.shape == (3, 336, 336)
+    caplog.set_level("WARNING", logger="vllm.textscythe")
+    pixels, tokens, item_hash = process(
+        do_resize=False, do_center_crop=False, _textscythe_plans={"image": [[1, 0]]}, _textscythe_request="forged"
+    )
+    assert torch.equal(pixels, clean_pixels) and tokens == clean_tokens and item_hash == clean_hash
+    assert "'do_resize'" in caplog.text and "'_textscythe_plans'" in caplog.text
+    assert process(visual_token_budget=16)[1] == [16]
+    # the operator's options reach the HF processor (a server-wide mean shifts every pixel)
+    operator_pixels = process({"image_mean": [0.0, 0.0, 0.0]})[0]
+    assert not torch.allclose(operator_pixels, clean_pixels)

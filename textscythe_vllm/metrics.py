@@ -23,6 +23,8 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -126,29 +128,61 @@ def record_request(model_name: str, budget: int | None, selector: str | None,
 class _RequestBuckets:
     """Budget bucket of in-flight requests, keyed by the id vLLM reports for them when they finish.
 
-    The middleware tags each request; the processor (which knows the effective budget, server default
-    included) files the bucket under the tag; the stat logger takes it out when the request finishes. Bounded,
-    so requests that never finish cannot grow it.
+    The middleware announces each request's possible ids and gets an unguessable *ticket*, which travels to the
+    processor inside ``mm_processor_kwargs``; the processor (which knows the effective budget, server default
+    included, and whether the request has media) redeems the ticket by filing the bucket under those ids; the
+    stat logger takes it out when the request finishes. A ticket the middleware did not issue (a client
+    forging the private key on any route or frontend) files nothing. Both maps are bounded, so requests that
+    never reach the processor or never finish cannot grow them.
     """
 
     def __init__(self, capacity: int = 65536) -> None:
         self._lock = threading.Lock()
+        self._tickets: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._buckets: OrderedDict[str, str] = OrderedDict()
         self._capacity = capacity
 
-    def put(self, tag: str, bucket: str) -> None:
+    def announce(self, request_ids: Sequence[str]) -> str:
+        """Middleware: remember the ids vLLM may report this request under; returns the ticket."""
+        ticket = secrets.token_hex(16)
         with self._lock:
-            self._buckets[tag] = bucket
-            while len(self._buckets) > self._capacity:
-                self._buckets.popitem(last=False)
+            self._tickets[ticket] = tuple(request_ids)
+            _trim(self._tickets, self._capacity)
+        return ticket
+
+    def redeem(self, ticket: object, bucket: str) -> bool:
+        """Processor: file ``bucket`` under the ids announced with ``ticket``; ``False`` for an unknown ticket."""
+        if not isinstance(ticket, str):
+            return False
+        with self._lock:
+            request_ids = self._tickets.pop(ticket, None)
+            if request_ids is None:
+                return False
+            for request_id in request_ids:
+                self._buckets[request_id] = bucket
+            _trim(self._buckets, self._capacity)
+        return True
 
     def pop(self, request_id: str) -> str | None:
-        """Bucket of a finished request, given vLLM's external id (``chatcmpl-<id>``, ``cmpl-<id>``, ...)."""
+        """Bucket of a finished request, given vLLM's external id: ``chatcmpl-<id>``, ``cmpl-<id>``, and a
+        ``_<n>`` suffix for the sub-requests of ``/v1/responses`` and ``/v1/chat/completions/batch``."""
+        base = _SUB_REQUEST.sub("", request_id)
         with self._lock:
-            for prefix in ("", "chatcmpl-", "cmpl-", "resp_", "resp-"):
-                if request_id.startswith(prefix) and (bucket := self._buckets.pop(request_id[len(prefix):], None)):
-                    return bucket
+            for candidate in dict.fromkeys((request_id, base)):
+                for prefix in ("", "chatcmpl-", "cmpl-"):
+                    if candidate.startswith(prefix):
+                        bucket = self._buckets.pop(candidate[len(prefix):], None)
+                        if bucket is not None:
+                            return bucket
         return None
+
+
+_SUB_REQUEST = re.compile(r"_\d+$")
+
+
+def _trim(entries: OrderedDict, capacity: int) -> None:
+    while len(entries) > capacity:
+        entries.popitem(last=False)
 
 
 REQUEST_BUCKETS = _RequestBuckets()

@@ -1,27 +1,37 @@
 """``--middleware textscythe_vllm.middleware.VisualTokenBudgetMiddleware``: the HTTP face of the plugin.
 
-Pure ASGI. For ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/responses`` it
+Pure ASGI. The documented launch adds ``--trust-request-mm-kwargs``, which lets *every* route that reaches the
+multimodal processor take per-request processor options; this middleware is what makes that safe. For every
+``POST`` route of the app that can reach the processor (derived from the app's own routes, see
+:mod:`textscythe_vllm.routes`, so new vLLM routes and ``--root-path`` prefixes are covered) it
 
-* moves the top-level ``visual_token_budget`` / ``visual_token_selector`` fields into ``mm_processor_kwargs``
-  (where vLLM hands them to the multimodal processor; the server needs ``--trust-request-mm-kwargs``);
-* validates them and answers HTTP 400 with an OpenAI-style error body naming the field;
-* drops every other client-supplied ``mm_processor_kwargs`` key and all ``media_io_kwargs`` -- the trust flag
-  would otherwise let clients set any HF-processor option.
+* checks the API key first when the server has one (``--api-key`` / ``VLLM_API_KEY``), before reading the body
+  -- also on ``/invocations`` and ``/tokenize``, which vLLM itself leaves open (``TEXTSCYTHE_API_KEY_ALL_ROUTES=0``
+  restores vLLM's own scope);
+* reads the body with a size limit and parses it off the event loop with a bounded element count;
+* moves the top-level ``visual_token_budget`` / ``visual_token_selector`` fields into ``mm_processor_kwargs`` and
+  validates them (HTTP 400 naming the field); a budget sent to a server whose model the plugin does not prune,
+  or to a route that cannot carry it, is refused the same way rather than ignored;
+* drops every other client-supplied ``mm_processor_kwargs`` key and all ``media_io_kwargs``.
 
+The multimodal processor applies the same allow-list again (defence in depth for offline and other frontends).
 Responses, streamed or not, pass through untouched; after the body is read, ``receive`` is handed on so vLLM
 still sees client disconnects.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import os
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from textscythe_vllm import LOGGER_NAME
+from textscythe_vllm import LOGGER_NAME, metrics
 from textscythe_vllm.processing import REQUEST_TAG_KEY
 from textscythe_vllm.request import (
     BUDGET_FIELD,
@@ -31,6 +41,7 @@ from textscythe_vllm.request import (
     parse_budget,
     parse_selector,
 )
+from textscythe_vllm.routes import KWARGS_FIELD, REQUEST_ID_FIELD, RoutePolicy, RouteTable
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -40,13 +51,18 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-REWRITTEN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
-MM_KWARGS_FIELD = "mm_processor_kwargs"
+MM_KWARGS_FIELD = KWARGS_FIELD
 MEDIA_IO_FIELD = "media_io_kwargs"
 #: Bodies nesting deeper than this are refused with 400 (chat requests nest about 6 levels).
 MAX_JSON_DEPTH = 64
 #: Bodies above this are refused with 413 before parsing (images travel base64-encoded inside the body).
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Bodies with more JSON values than this are refused before parsing: memory and parse time grow with the
+#: number of values, not with the bytes (a chat request with images has a few hundred).
+DEFAULT_MAX_JSON_VALUES = 1_000_000
+#: ``0`` limits the middleware's early key check to the paths vLLM itself guards (``/v1``, ``/v2``, ...).
+API_KEY_ALL_ROUTES_ENV = "TEXTSCYTHE_API_KEY_ALL_ROUTES"
+_VLLM_GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 
 
 class RequestRejected(Exception):
@@ -55,11 +71,12 @@ class RequestRejected(Exception):
         self.status, self.message, self.param, self.error_type = status, message, param, error_type
 
 
-def rewrite_payload(payload: dict[str, Any], request_tag: str | None = None) -> dict[str, Any]:
+def rewrite_payload(payload: dict[str, Any], policy: RoutePolicy | None = None,
+                    refusal: str | None = None) -> dict[str, Any]:
     """Return the request body with only validated, allow-listed multimodal processor kwargs.
 
-    ``request_tag`` (the id vLLM will report the request under) is passed to the processor so the request's
-    latency can be attributed to its budget bucket.
+    ``refusal`` (why this server cannot prune) turns any plugin field into a 400; so does a route that takes
+    media but cannot carry the budget (``policy.refuses_budget``).
     """
     client_kwargs = payload.pop(MM_KWARGS_FIELD, None)
     if client_kwargs is not None and not isinstance(client_kwargs, dict):
@@ -68,6 +85,7 @@ def rewrite_payload(payload: dict[str, Any], request_tag: str | None = None) -> 
     dropped = sorted(set(client_kwargs or {}) - set(allowed))
     if dropped:
         logger.info("textscythe: dropped client-supplied %s keys %s", MM_KWARGS_FIELD, dropped)
+    payload.pop(MEDIA_IO_FIELD, None)
     for key in CLIENT_KEYS:  # top-level fields win over the same key inside mm_processor_kwargs
         if key in payload:
             allowed[key] = payload.pop(key)
@@ -78,41 +96,79 @@ def rewrite_payload(payload: dict[str, Any], request_tag: str | None = None) -> 
             parse_selector(allowed[SELECTOR_FIELD])
     except PruningRequestError as error:
         raise RequestRejected(400, str(error), error.param) from None
-    payload.pop(MEDIA_IO_FIELD, None)
-    if request_tag:
-        allowed[REQUEST_TAG_KEY] = request_tag
-    if allowed:
+    if allowed and refusal:
+        field = BUDGET_FIELD if BUDGET_FIELD in allowed else SELECTOR_FIELD
+        raise RequestRejected(400, f"'{field}' cannot be honoured: {refusal}", field)
+    if allowed and policy is not None and policy.refuses_budget:
+        field = BUDGET_FIELD if BUDGET_FIELD in allowed else SELECTOR_FIELD
+        raise RequestRejected(
+            400, f"'{field}' cannot be honoured on {policy.path}: this route takes images but no multimodal "
+            "processor options; send the request to /v1/chat/completions or /v1/responses", field,
+        )
+    if allowed and (policy is None or policy.carries_budget):
         payload[MM_KWARGS_FIELD] = allowed
     return payload
 
 
 class VisualTokenBudgetMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int | None = None, max_json_values: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes or int(
             os.environ.get("TEXTSCYTHE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)
         )
+        self.max_json_values = max_json_values or int(
+            os.environ.get("TEXTSCYTHE_MAX_JSON_VALUES", DEFAULT_MAX_JSON_VALUES)
+        )
+        self.key_on_all_routes = os.environ.get(API_KEY_ALL_ROUTES_ENV, "1") != "0"
+        self._routes = RouteTable()
+        self._server: _ServerFacts | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in REWRITTEN_PATHS:
+        if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
+        policy = self._routes.policy_for(scope)
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+        server = self._server_facts(scope)
         try:
+            if server.key_hashes and self._needs_key(scope) and not server.authorized(scope):
+                raise RequestRejected(401, "Unauthorized: a valid API key is required", None, "AuthenticationError")
+            self._check_declared_length(scope)
             body = await self._read_body(receive)
-            payload = self._parse(body)
-            if isinstance(payload, dict):
-                tag = _request_tag(scope, payload)
-                body = json.dumps(rewrite_payload(payload, tag), separators=(",", ":")).encode()
+            headers = list(scope.get("headers", []))
+            if body.strip():
+                body, headers = await asyncio.to_thread(self._rewrite, body, headers, policy, server)
         except RequestRejected as rejection:
             await _send_error(send, rejection)
             return
         except _ClientGone:
             return
         scope = dict(scope)
-        scope["headers"] = [
-            (name, value) for name, value in scope.get("headers", []) if name.lower() != b"content-length"
-        ] + [(b"content-length", str(len(body)).encode())]
+        scope["headers"] = [(name, value) for name, value in headers if name.lower() != b"content-length"] + [
+            (b"content-length", str(len(body)).encode())
+        ]
         await self.app(scope, _replay(body, receive), send)
+
+    def _server_facts(self, scope: Scope) -> _ServerFacts:
+        if self._server is None or not self._server.complete:
+            self._server = _ServerFacts.of(scope.get("app"))
+        return self._server
+
+    def _needs_key(self, scope: Scope) -> bool:
+        if self.key_on_all_routes:
+            return True
+        root = scope.get("root_path", "")
+        return scope["path"].removeprefix(root).startswith(_VLLM_GUARDED_PREFIXES)
+
+    def _check_declared_length(self, scope: Scope) -> None:
+        for name, value in scope.get("headers", []):
+            if name.lower() == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                raise self._too_large()
+
+    def _too_large(self) -> RequestRejected:
+        return RequestRejected(413, f"request body exceeds {self.max_body_bytes} bytes", None, "RequestTooLargeError")
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
@@ -124,15 +180,28 @@ class VisualTokenBudgetMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise RequestRejected(
-                    413, f"request body exceeds {self.max_body_bytes} bytes", None, "RequestTooLargeError"
-                )
+                raise self._too_large()
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    @staticmethod
-    def _parse(body: bytes) -> Any:
+    def _rewrite(self, body: bytes, headers: list[tuple[bytes, bytes]], policy: RoutePolicy,
+                 server: _ServerFacts) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """Parse, validate and rewrite one body (runs in a worker thread, off the event loop)."""
+        payload = self._parse(body)
+        if not isinstance(payload, dict):  # not a request object: vLLM answers it as usual
+            return body, headers
+        payload = rewrite_payload(payload, policy, server.refusal)
+        if server.refusal is None and policy.carries_budget:
+            headers = _announce_request(payload, headers, policy)
+        return json.dumps(payload, separators=(",", ":")).encode(), headers
+
+    def _parse(self, body: bytes) -> Any:
+        # Every JSON value but the outermost is preceded by ',' '[' '{' or ':'; counting those bytes (at memory
+        # speed) bounds the values json.loads would build before it builds any.
+        values = body.count(b",") + body.count(b"[") + body.count(b"{")
+        if values > self.max_json_values:
+            raise RequestRejected(400, f"request body has more than {self.max_json_values} JSON values", None)
         try:
             payload = json.loads(body)
         # ValueError covers JSONDecodeError, UnicodeDecodeError and integers longer than Python's
@@ -144,6 +213,69 @@ class VisualTokenBudgetMiddleware:
             # Python's limit; no OpenAI request nests anywhere near this deep.
             raise RequestRejected(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels", None)
         return payload
+
+
+class _ServerFacts:
+    """What the middleware needs to know about the server it runs in, read from the app once it is set up."""
+
+    def __init__(self, key_hashes: list[bytes], refusal: str | None, complete: bool) -> None:
+        self.key_hashes, self.refusal, self.complete = key_hashes, refusal, complete
+
+    @classmethod
+    def of(cls, app: Any) -> _ServerFacts:
+        from textscythe_vllm._compat import api_key_tokens, served_model
+        from textscythe_vllm.plugin import MODEL_CLASSES, plugin_registered
+
+        if app is None:  # outside a Starlette app (unit tests of the rewrite): nothing to learn
+            return cls([], None, complete=True)
+        key_hashes = [hashlib.sha256(token.encode()).digest() for token in api_key_tokens(app)]
+        model = served_model(app)
+        if model is None:  # the app's state is set up in its lifespan; look again on the next request
+            return cls(key_hashes, None, complete=False)
+        name, architecture = model
+        refusal = None
+        if not plugin_registered():
+            refusal = (f"the textscythe plugin is not loaded in this server (model '{name}', architecture "
+                       f"{architecture}); check VLLM_PLUGINS")
+        elif architecture not in MODEL_CLASSES:
+            refusal = (f"model '{name}' (architecture {architecture}) is not pruned by textscythe-vllm, which "
+                       f"supports {', '.join(MODEL_CLASSES)}")
+        return cls(key_hashes, refusal, complete=True)
+
+    def authorized(self, scope: Scope) -> bool:
+        """vLLM's own rule: ``Authorization: Bearer <one of the keys>``, compared in constant time."""
+        for name, value in scope.get("headers", []):
+            if name.lower() == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() != "bearer":
+                    return False
+                digest = hashlib.sha256(token.encode("latin-1")).digest()
+                matched = False
+                for key_hash in self.key_hashes:
+                    matched |= secrets.compare_digest(digest, key_hash)
+                return matched
+        return False
+
+
+def _announce_request(payload: dict[str, Any], headers: list[tuple[bytes, bytes]],
+                      policy: RoutePolicy) -> list[tuple[bytes, bytes]]:
+    """Give the processor a ticket naming the ids vLLM will report this request under, so its latency can be
+    filed under its budget bucket. vLLM's ids stay vLLM's: an id the client sent (``X-Request-Id`` or the body's
+    ``request_id``) is used as it is, and a missing one is drawn from the route's own request model (so
+    ``/v1/responses`` keeps its ``resp_`` ids); a raw-body route gets an ``X-Request-Id`` header instead."""
+    request_ids = [value.decode("latin-1") for name, value in headers if name.lower() == b"x-request-id"]
+    body_id = payload.get(REQUEST_ID_FIELD)
+    if policy.request_id_factory is not None:
+        if not isinstance(body_id, str) or not body_id:
+            body_id = payload[REQUEST_ID_FIELD] = policy.request_id_factory()
+        request_ids.append(body_id)
+    elif not request_ids:
+        header_id = uuid.uuid4().hex
+        headers = [*headers, (b"x-request-id", header_id.encode())]
+        request_ids.append(header_id)
+    kwargs = payload.setdefault(MM_KWARGS_FIELD, {})
+    kwargs[REQUEST_TAG_KEY] = metrics.REQUEST_BUCKETS.announce(request_ids)
+    return headers
 
 
 def _nesting_depth(value: Any) -> int:
@@ -160,18 +292,6 @@ def _nesting_depth(value: Any) -> int:
         deepest = max(deepest, depth)
         stack.extend((child, depth + 1) for child in children)
     return deepest
-
-
-def _request_tag(scope: Scope, payload: dict[str, Any]) -> str:
-    """The base id vLLM will give the request: the X-Request-Id header, else the body's ``request_id`` (set to
-    a fresh one here when absent)."""
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"x-request-id":
-            return value.decode("latin-1")
-    request_id = payload.get("request_id")
-    if not isinstance(request_id, str) or not request_id:
-        request_id = payload["request_id"] = uuid.uuid4().hex
-    return request_id
 
 
 class _ClientGone(Exception):

@@ -27,6 +27,11 @@ MODEL_CLASSES = {
 _registered = False
 
 
+def plugin_registered() -> bool:
+    """Whether ``register()`` ran in this process (``VLLM_PLUGINS`` may leave the plugin out)."""
+    return _registered
+
+
 def register() -> None:
     global _registered
     if _registered:

@@ -85,6 +85,35 @@ UNPRUNED = ImagePlan(budget=0, selector="", instruction=())
 _profiling = threading.local()
 
 
+def allow_listed_request_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
+    """The request's ``mm_processor_kwargs`` restricted to :data:`CLIENT_KEYS`.
+
+    Whatever frontend a request came through (any HTTP route, offline ``LLM``, a frontend vLLM adds later), a
+    request may set only the plugin's own fields: other HF-processor options (``do_resize``, ``size``, ...) can
+    make the worker fail on every request of the batch, and the plugin's private keys must not be forged.
+    Each dropped key is logged once.
+    """
+    allowed = {key: value for key, value in kwargs.items() if key in CLIENT_KEYS}
+    for key in kwargs.keys() - allowed.keys() - {REQUEST_TAG_KEY}:
+        _log_dropped_once(str(key))
+    return allowed
+
+
+_dropped_keys: set[str] = set()
+_dropped_keys_lock = threading.Lock()
+_MAX_LOGGED_KEYS = 1024  # a client can send any number of distinct keys; the log stays bounded
+
+
+def _log_dropped_once(key: str) -> None:
+    with _dropped_keys_lock:
+        if key in _dropped_keys or len(_dropped_keys) >= _MAX_LOGGED_KEYS:
+            return
+        _dropped_keys.add(key)
+    logger.warning("textscythe: dropped request mm_processor_kwargs key %r (only %s are accepted from requests; "
+                   "set processor options for the whole server with --mm-processor-kwargs)", key[:200],
+                   ", ".join(CLIENT_KEYS))
+
+
 def strip_private_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
     """Drop the plugin's keys: they must reach neither the HF processor nor its lru-cached constructor."""
     return {key: value for key, value in kwargs.items() if key not in _PRIVATE_KEYS}
@@ -253,15 +282,18 @@ class PruningProcessorMixin:
             _profiling.active = False
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
-        client_kwargs = inputs.hf_processor_mm_kwargs
-        if getattr(_profiling, "active", False):
+        if getattr(_profiling, "active", False):  # vLLM's own inputs, not a request's
             return super().apply(  # type: ignore[misc]
-                replace(inputs, hf_processor_mm_kwargs=strip_private_kwargs(client_kwargs)), timing_ctx
+                replace(inputs, hf_processor_mm_kwargs=strip_private_kwargs(inputs.hf_processor_mm_kwargs)), timing_ctx
             )
-        merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(client_kwargs)  # type: ignore[attr-defined]
+        request_kwargs = allow_listed_request_kwargs(inputs.hf_processor_mm_kwargs)
+        ticket = inputs.hf_processor_mm_kwargs.get(REQUEST_TAG_KEY)
+        # The operator's --mm-processor-kwargs are merged in here and in every HF-processor call (through the
+        # context): only the request's own options are restricted to the plugin's keys.
+        merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(request_kwargs)  # type: ignore[attr-defined]
         request = PruningRequest.from_kwargs(merged)
-        kwargs = strip_private_kwargs(client_kwargs)
         self._check_request(request)
+        kwargs: dict[str, Any] = {}
         plans: dict[str, tuple[ImagePlan, ...]] = {}
         for modality in self.pruned_modalities:
             items = inputs.mm_data_items.get(modality)
@@ -279,13 +311,13 @@ class PruningProcessorMixin:
         if plans:
             kwargs[PLAN_KEY] = plans
         result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)  # type: ignore[misc]
-        self._record_metrics(inputs, request, result, client_kwargs.get(REQUEST_TAG_KEY))
+        self._record_metrics(inputs, request, result, ticket)
         return result
 
     def _check_request(self, request: PruningRequest | None) -> None:
         """Refuse a request the model cannot serve by raising ``PruningRequestError``; by default accept all."""
 
-    def _record_metrics(self, inputs: Any, request: PruningRequest | None, result: Any, tag: object) -> None:
+    def _record_metrics(self, inputs: Any, request: PruningRequest | None, result: Any, ticket: object) -> None:
         """Count the request (API server only: profiling never gets here). Never fails the request."""
         try:
             before, after = [], []
@@ -297,8 +329,7 @@ class PruningProcessorMixin:
             model_name = self.info.ctx.model_config.served_model_name  # type: ignore[attr-defined]
             budget = None if request is None else request.budget
             metrics.record_request(model_name, budget, None if request is None else request.selector, before, after)
-            if isinstance(tag, str) and tag:
-                metrics.REQUEST_BUCKETS.put(tag, metrics.budget_bucket(budget))
+            metrics.REQUEST_BUCKETS.redeem(ticket, metrics.budget_bucket(budget))
         except Exception:
             logger.warning("textscythe: could not record request metrics", exc_info=True)
 
