@@ -129,6 +129,7 @@ class HFReference:
         self.image_id = self.tokenizer.convert_tokens_to_ids("<image>")
         # LLaVA-1.5's generation prompt; the checkpoint's chat template must end an open turn with it.
         self.marker = self.tokenizer.encode("ASSISTANT:", add_special_tokens=False)
+        self.user_opener = self.tokenizer.encode("USER:", add_special_tokens=False)
         self.excluded = set(self.tokenizer.all_special_ids) | {self.image_id}
         self._images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -155,14 +156,19 @@ class HFReference:
         return self._images[seed]
 
     def instructions(self, ids: list[int]) -> list[list[int]]:
-        """Per image token: prompt ids before the first "ASSISTANT:" after it, minus special/image ids."""
-        width = len(self.marker)
+        """Per image token: the ids of its user message -- after the last "USER:" before it, up to the first
+        "ASSISTANT:" after it -- minus special/image ids (LLaVA-1.5's template, written out here)."""
+        width, opener = len(self.marker), self.user_opener
         result = []
         for position in (i for i, token in enumerate(ids) if token == self.image_id):
+            start = max(
+                (i + len(opener) for i in range(position - len(opener) + 1) if ids[i:i + len(opener)] == opener),
+                default=0,
+            )
             end = next(
                 (i for i in range(position + 1, len(ids) - width + 1) if ids[i:i + width] == self.marker), len(ids)
             )
-            result.append([token for token in ids[:end] if token not in self.excluded])
+            result.append([token for token in ids[start:end] if token not in self.excluded])
         return result
 
     @torch.no_grad()
@@ -295,10 +301,9 @@ def test_instruction_rule_and_marker_match_the_checkpoint(hf: HFReference):
     ids = hf.tokenizer(PROMPTS["turns"][0]).input_ids
     first, second = hf.instructions(ids)
     words = hf.tokenizer.convert_ids_to_tokens
-    assert words(first) == ["user", ":", "what", "colour", "is", "the", "car", "?"]
-    # the second image's instruction is the conversation up to its own turn's "ASSISTANT:", minus </s>/<image>
-    assert words(second) == [*words(first), "assistant", ":", "it", "is", "red",
-                             "user", ":", "and", "the", "dog", "on", "the", "left", "?"]
+    assert words(first) == ["what", "colour", "is", "the", "car", "?"]
+    # the second image's instruction is its own user message only: no role words, no earlier turns
+    assert words(second) == ["and", "the", "dog", "on", "the", "left", "?"]
 
 
 def test_hf_reference_matches_hf_own_forward(hf: HFReference, references):

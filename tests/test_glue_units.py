@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from textscythe_vllm import pruning
-from textscythe_vllm.processing import (
-    ImagePlan,
-    _generation_prompt_ids,
+from textscythe_vllm.instruction import (
+    TemplateMarkers,
+    TokenizerFacts,
     find_subsequence,
     instruction_token_ids,
-    prune_prompt_update,
-    strip_private_kwargs,
 )
+from textscythe_vllm.processing import ImagePlan, prune_prompt_update, strip_private_kwargs
 from textscythe_vllm.request import PruningRequest, PruningRequestError
 from textscythe_vllm.selectors import available_selectors
 
@@ -55,39 +54,37 @@ def test_find_subsequence():
 
 
 def test_instruction_rule_single_and_multi_turn():
-    IMAGE, BOS, ASSISTANT, COLON, EOS = 4, 1, 50, 51, 2
+    IMAGE, BOS, USER, ASSISTANT, COLON, EOS = 4, 1, 49, 50, 51, 2
     excluded = frozenset({IMAGE, BOS, EOS})
-    marker = (ASSISTANT, COLON)
-    # BOS USER : <image> q1 q2 ASSISTANT : a1 EOS USER : <image> q3 ASSISTANT :
-    prompt = [BOS, 10, 11, IMAGE, 20, 21, ASSISTANT, COLON, 30, EOS, 10, 11, IMAGE, 22, ASSISTANT, COLON]
-    first_image, second_image = 3, 12
-    instructions = instruction_token_ids(
-        prompt, [first_image, second_image], excluded_ids=excluded, turn_end_marker=marker
-    )
-    # Image 1: its own turn only. Image 2: the conversation up to the end of its turn.
-    assert instructions[0] == (10, 11, 20, 21)
-    assert instructions[1] == (10, 11, 20, 21, ASSISTANT, COLON, 30, 10, 11, 22)
+    markers = TemplateMarkers(user_open=(USER, COLON), ends=((ASSISTANT, COLON), (USER, COLON)))
+    # BOS sys1 sys2 USER : <image> q1 q2 ASSISTANT : a1 EOS USER : <image> q3 ASSISTANT :
+    prompt = [BOS, 60, 61, USER, COLON, IMAGE, 20, 21, ASSISTANT, COLON, 30, EOS, USER, COLON, IMAGE, 22, ASSISTANT,
+              COLON]
+    first_image, second_image = 5, 14
+    instructions = instruction_token_ids(prompt, [first_image, second_image], excluded_ids=excluded, markers=markers)
+    # Each image: the words of its own user message -- no system text, no role words, no earlier turns.
+    assert instructions == [(20, 21), (22,)]
     # Adding turns after an image never changes that image's instruction (prefix-cache stability).
-    longer = [*prompt, 40, EOS, 10, 11, 23, ASSISTANT, COLON]
-    assert instruction_token_ids(longer, [first_image], excluded_ids=excluded, turn_end_marker=marker)[0] == \
-        instructions[0]
-    # No chat template (no marker): the whole prompt's text tokens.
-    assert instruction_token_ids(prompt, [3], excluded_ids=excluded, turn_end_marker=())[0] == tuple(
+    longer = [*prompt, 40, EOS, USER, COLON, 23, ASSISTANT, COLON]
+    assert instruction_token_ids(longer, [first_image], excluded_ids=excluded, markers=markers)[0] == instructions[0]
+    # No chat template (no markers): the whole prompt's text tokens.
+    assert instruction_token_ids(prompt, [5], excluded_ids=excluded, markers=TemplateMarkers())[0] == tuple(
         t for t in prompt if t not in excluded
     )
 
 
-def test_generation_prompt_of_tiny_tokenizer(tiny_llava_dir):
+def test_markers_of_tiny_tokenizer(tiny_llava_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir)
-    marker = _generation_prompt_ids(tokenizer)
-    assert marker and tokenizer.decode(marker).replace(" ", "").lower().startswith("assistant")
+    _, markers = TokenizerFacts().get(tokenizer, [4])
+    assert tokenizer.decode(list(markers.user_open)).replace(" ", "").lower() == "user:"
+    assert any(tokenizer.decode(list(end)).replace(" ", "").lower() == "assistant:" for end in markers.ends)
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": "what is it ?"}], tokenize=True, add_generation_prompt=True
     )
     ids = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
-    assert find_subsequence(list(ids), marker, 0) < len(ids)
+    assert find_subsequence(list(ids), markers.user_open, 0) < len(ids)
 
 
 @dataclass

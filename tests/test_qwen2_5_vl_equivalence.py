@@ -160,7 +160,8 @@ class HFReference:
         config = self.model.config
         self.image_id, self.video_id = config.image_token_id, config.video_token_id
         self.merge = config.vision_config.spatial_merge_size
-        self.marker = self.tokenizer.encode("<|im_start|>assistant", add_special_tokens=False)
+        self.user_opener = self.tokenizer.encode("<|im_start|>user", add_special_tokens=False)
+        self.turn_end = self.tokenizer.encode("<|im_end|>", add_special_tokens=False)
         self.excluded = set(self.tokenizer.all_special_ids) | {self.image_id, self.video_id}
         self._media: dict[str, Media] = {}
 
@@ -225,14 +226,20 @@ class HFReference:
     # -- text --------------------------------------------------------------------------------------------
 
     def instructions(self, ids: list[int]) -> list[list[int]]:
-        """Per item: prompt ids before the first "<|im_start|>assistant" after it, minus special/pad ids."""
-        width = len(self.marker)
+        """Per item: the ids of its user message -- after the last "<|im_start|>user" before it, up to the first
+        "<|im_end|>" after it -- minus special/pad ids (ChatML, written out here)."""
+        opener, closer = self.user_opener, self.turn_end
         result = []
         for position in (i for i, token in enumerate(ids) if token in (self.image_id, self.video_id)):
-            end = next(
-                (i for i in range(position + 1, len(ids) - width + 1) if ids[i:i + width] == self.marker), len(ids)
+            start = max(
+                (i + len(opener) for i in range(position - len(opener) + 1) if ids[i:i + len(opener)] == opener),
+                default=0,
             )
-            result.append([token for token in ids[:end] if token not in self.excluded])
+            end = next(
+                (i for i in range(position + 1, len(ids) - len(closer) + 1) if ids[i:i + len(closer)] == closer),
+                len(ids),
+            )
+            result.append([token for token in ids[start:end] if token not in self.excluded])
         return result
 
     @torch.no_grad()
@@ -414,9 +421,8 @@ def test_reference_rules_match_the_checkpoint(hf: HFReference):
     ids = hf.tokenizer(PROMPTS["vid-img"][0]).input_ids
     first, second = hf.instructions(ids)
     words = hf.tokenizer.convert_ids_to_tokens
-    assert words(first) == ["user", "what", "is", "the", "dog", "doing", "?"]
-    assert words(second) == [*words(first), "assistant", "it", "is", "running", "user", "and", "what", "colour",
-                             "is", "the", "car", "?"]
+    assert words(first) == ["what", "is", "the", "dog", "doing", "?"]
+    assert words(second) == ["and", "what", "colour", "is", "the", "car", "?"]
     # the reference's positions agree with transformers' own get_rope_index wherever the two rules agree (images)
     text, specs = PROMPTS["img"]
     inputs = hf.processor(text=[text], images=[scene(1, 336, 224)], return_tensors="pt")

@@ -142,7 +142,30 @@ def test_responses_endpoint_with_budget(client, server):
             temperature=0.0, extra_body=None if budget is None else {"visual_token_budget": budget},
         ).usage.input_tokens
 
+    ttft_before = _ttft_count(server, "<=64")
     assert input_tokens(24) == input_tokens(None) - IMAGE_TOKENS + 24
+    # the responses route gets the latency-by-budget metrics too (vLLM reports it as "<request_id>_0")
+    _wait_for(lambda: _ttft_count(server, "<=64") == ttft_before + 1)
+    response = client.responses.create(model=server.model_name, input="hi", max_output_tokens=1)
+    assert response.id.startswith("resp_")  # vLLM's own id, not one the middleware made up
+
+
+def _ttft_count(server, bucket: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server.base_url}/metrics") as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "textscythe_request_ttft_seconds_count" and sample.labels.get("budget_bucket") == bucket)
+
+
+def _wait_for(condition, timeout: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
 
 
 def test_two_images_one_budget_applies_per_image(client, server):

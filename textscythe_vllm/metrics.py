@@ -150,18 +150,26 @@ class _RequestBuckets:
             _trim(self._tickets, self._capacity)
         return ticket
 
-    def redeem(self, ticket: object, bucket: str) -> bool:
-        """Processor: file ``bucket`` under the ids announced with ``ticket``; ``False`` for an unknown ticket."""
+    def claim(self, ticket: object) -> tuple[str, ...]:
+        """Processor: the ids announced with ``ticket`` (a ticket works once); ``()`` for a ticket the middleware
+        did not issue."""
         if not isinstance(ticket, str):
-            return False
+            return ()
         with self._lock:
-            request_ids = self._tickets.pop(ticket, None)
-            if request_ids is None:
-                return False
+            return self._tickets.pop(ticket, ())
+
+    def file(self, request_ids: tuple[str, ...], bucket: str) -> None:
+        """Processor: file ``bucket`` under the request's ids."""
+        with self._lock:
             for request_id in request_ids:
                 self._buckets[request_id] = bucket
             _trim(self._buckets, self._capacity)
-        return True
+
+    def redeem(self, ticket: object, bucket: str) -> bool:
+        """:meth:`claim` then :meth:`file`; ``False`` for an unknown ticket."""
+        request_ids = self.claim(ticket)
+        self.file(request_ids, bucket)
+        return bool(request_ids)
 
     def pop(self, request_id: str) -> str | None:
         """Bucket of a finished request, given vLLM's external id: ``chatcmpl-<id>``, ``cmpl-<id>``, and a

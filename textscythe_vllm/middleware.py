@@ -27,18 +27,21 @@ import json
 import logging
 import os
 import secrets
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from textscythe_vllm import LOGGER_NAME, metrics
+from textscythe_vllm import LOGGER_NAME, explain, metrics
 from textscythe_vllm.processing import REQUEST_TAG_KEY
 from textscythe_vllm.request import (
     BUDGET_FIELD,
     CLIENT_KEYS,
+    EXPLAIN_FIELD,
     SELECTOR_FIELD,
     PruningRequestError,
     parse_budget,
+    parse_explain,
     parse_selector,
 )
 from textscythe_vllm.routes import KWARGS_FIELD, REQUEST_ID_FIELD, RoutePolicy, RouteTable
@@ -94,13 +97,15 @@ def rewrite_payload(payload: dict[str, Any], policy: RoutePolicy | None = None,
             parse_budget(allowed[BUDGET_FIELD])
         if SELECTOR_FIELD in allowed:
             parse_selector(allowed[SELECTOR_FIELD])
+        if EXPLAIN_FIELD in allowed:
+            parse_explain(allowed[EXPLAIN_FIELD])
     except PruningRequestError as error:
         raise RequestRejected(400, str(error), error.param) from None
     if allowed and refusal:
-        field = BUDGET_FIELD if BUDGET_FIELD in allowed else SELECTOR_FIELD
+        field = next(key for key in CLIENT_KEYS if key in allowed)
         raise RequestRejected(400, f"'{field}' cannot be honoured: {refusal}", field)
     if allowed and policy is not None and policy.refuses_budget:
-        field = BUDGET_FIELD if BUDGET_FIELD in allowed else SELECTOR_FIELD
+        field = next(key for key in CLIENT_KEYS if key in allowed)
         raise RequestRejected(
             400, f"'{field}' cannot be honoured on {policy.path}: this route takes images but no multimodal "
             "processor options; send the request to /v1/chat/completions or /v1/responses", field,
@@ -124,6 +129,11 @@ class VisualTokenBudgetMiddleware:
         self._server: _ServerFacts | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "GET" and _route_path(scope).startswith(
+            explain.ROUTE_PREFIX
+        ):
+            await self._explanation(scope, send)
+            return
         if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
@@ -151,16 +161,30 @@ class VisualTokenBudgetMiddleware:
         ]
         await self.app(scope, _replay(body, receive), send)
 
+    async def _explanation(self, scope: Scope, send: Send) -> None:
+        """``GET /v1/textscythe/explanations/{id}``: the same key rule as every ``/v1`` route."""
+        server = self._server_facts(scope)
+        if server.key_hashes and not server.authorized(scope):
+            await _send_error(send, RequestRejected(401, "Unauthorized: a valid API key is required", None,
+                                                    "AuthenticationError"))
+            return
+        request_id = urllib.parse.unquote(_route_path(scope)[len(explain.ROUTE_PREFIX):])
+        record = await asyncio.to_thread(explain.lookup, request_id) if request_id else None
+        if record is None:
+            await _send_error(send, RequestRejected(
+                404, f"no explanation for request '{request_id[:200]}': send the request with "
+                "\"visual_token_explain\": true and a visual_token_budget (records are kept for the most recent "
+                "requests only)", None, "NotFoundError"))
+            return
+        await _send_json(send, 200, record)
+
     def _server_facts(self, scope: Scope) -> _ServerFacts:
         if self._server is None or not self._server.complete:
             self._server = _ServerFacts.of(scope.get("app"))
         return self._server
 
     def _needs_key(self, scope: Scope) -> bool:
-        if self.key_on_all_routes:
-            return True
-        root = scope.get("root_path", "")
-        return scope["path"].removeprefix(root).startswith(_VLLM_GUARDED_PREFIXES)
+        return self.key_on_all_routes or _route_path(scope).startswith(_VLLM_GUARDED_PREFIXES)
 
     def _check_declared_length(self, scope: Scope) -> None:
         for name, value in scope.get("headers", []):
@@ -278,6 +302,11 @@ def _announce_request(payload: dict[str, Any], headers: list[tuple[bytes, bytes]
     return headers
 
 
+def _route_path(scope: Scope) -> str:
+    """The request's path without the app's ``--root-path`` prefix (as vLLM's own key check reads it)."""
+    return scope["path"].removeprefix(scope.get("root_path", ""))
+
+
 def _nesting_depth(value: Any) -> int:
     """Deepest nesting of lists/objects in a parsed JSON value (iterative: no recursion on hostile input)."""
     deepest, stack = 0, [(value, 1)]
@@ -312,21 +341,19 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def _send_error(send: Send, rejection: RequestRejected) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "message": rejection.message,
-                "type": rejection.error_type,
-                "param": rejection.param,
-                "code": rejection.status,
-            }
+    await _send_json(send, rejection.status, {
+        "error": {
+            "message": rejection.message, "type": rejection.error_type, "param": rejection.param,
+            "code": rejection.status,
         }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": rejection.status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    })
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    })
     await send({"type": "http.response.body", "body": body})

@@ -46,9 +46,10 @@ def register() -> None:
         # SystemExit prints its message to stderr once and exits with status 1. (No logger call as well: it
         # printed the same message a second time.)
         raise SystemExit(str(error)) from None
-    from textscythe_vllm import metrics
+    from textscythe_vllm import explain, metrics
 
     metrics.setup_process()
+    explain.setup_process()
     for architecture, class_path in MODEL_CLASSES.items():
         ModelRegistry.register_model(architecture, class_path)
     _registered = True

@@ -5,8 +5,8 @@ with a budget it
 
 * reads ``visual_token_budget`` / ``visual_token_selector`` from the request's ``mm_processor_kwargs`` merged
   over the server's ``--mm-processor-kwargs`` and validates them;
-* builds one :class:`ImagePlan` per image: budget, selector and the *instruction* (prompt token ids, see
-  :func:`instruction_token_ids`);
+* builds one :class:`ImagePlan` per image: budget, selector and the *instruction* (the token ids of the user
+  message holding the image, see :mod:`textscythe_vllm.instruction`);
 * gives each image ``min(budget, N)`` placeholder tokens (``_get_mm_prompt_updates``);
 * mixes the plan into each image's multimodal hash, which keys the processor cache, the encoder cache and the
   prefix cache -- so the same image with another question or budget is selected anew, and an identical request
@@ -24,6 +24,7 @@ request's other kwargs, so hashes and placeholders are exactly stock vLLM's.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -32,7 +33,8 @@ from typing import Any
 
 import torch
 
-from textscythe_vllm import LOGGER_NAME, metrics
+from textscythe_vllm import LOGGER_NAME, explain, metrics
+from textscythe_vllm.instruction import TokenizerFacts, instruction_token_ids
 from textscythe_vllm.request import CLIENT_KEYS, PruningRequest
 from textscythe_vllm.selectors import available_selectors
 
@@ -48,7 +50,7 @@ PLAN_FIELD = "textscythe_plan"
 #: latency metrics (see :class:`textscythe_vllm.metrics._RequestBuckets`).
 REQUEST_TAG_KEY = "_textscythe_request"
 _PRIVATE_KEYS = frozenset((PLAN_KEY, REQUEST_TAG_KEY, *CLIENT_KEYS))
-_PLAN_HEADER = 2  # [budget, selector code] precede the instruction ids
+_PLAN_HEADER = 3  # [budget, selector code, explain id] precede the instruction ids
 
 
 def plan_field(modality: str) -> str:
@@ -64,21 +66,27 @@ class ImagePlan:
     budget: int
     selector: str
     instruction: tuple[int, ...]
+    #: Non-zero: the worker records this selection under the id for the explain route (see ``explain``).
+    explain_id: int = 0
 
     def encode(self) -> torch.Tensor:
-        """LongTensor ``[2 + T]``: budget, selector code (index in ``available_selectors()``), instruction ids."""
+        """LongTensor ``[3 + T]``: budget, selector code (index in ``available_selectors()``), explain id,
+        instruction ids."""
         code = available_selectors().index(self.selector) if self.budget else -1
-        return torch.tensor([self.budget, code, *self.instruction], dtype=torch.long)
+        return torch.tensor([self.budget, code, self.explain_id, *self.instruction], dtype=torch.long)
 
     @classmethod
     def decode(cls, packed: torch.Tensor) -> ImagePlan:
         values = packed.tolist()
         budget, code = int(values[0]), int(values[1])
         selector = available_selectors()[code] if budget else ""
-        return cls(budget=budget, selector=selector, instruction=tuple(values[_PLAN_HEADER:]))
+        return cls(budget=budget, selector=selector, instruction=tuple(values[_PLAN_HEADER:]),
+                   explain_id=int(values[2]))
 
     def cache_key(self) -> str:
-        return f"budget={self.budget};selector={self.selector};instruction={','.join(map(str, self.instruction))}"
+        key = f"budget={self.budget};selector={self.selector};instruction={','.join(map(str, self.instruction))}"
+        # An explained item is selected anew (its own cache entry), so its record describes a selection that ran.
+        return f"{key};explain={self.explain_id}" if self.explain_id else key
 
 
 UNPRUNED = ImagePlan(budget=0, selector="", instruction=())
@@ -119,76 +127,13 @@ def strip_private_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
     return {key: value for key, value in kwargs.items() if key not in _PRIVATE_KEYS}
 
 
-def find_subsequence(sequence: Sequence[int], pattern: Sequence[int], start: int) -> int:
-    """Index of the first occurrence of ``pattern`` in ``sequence[start:]``, or ``len(sequence)``."""
-    width = len(pattern)
-    if width:
-        first = pattern[0]
-        for index in range(start, len(sequence) - width + 1):
-            if sequence[index] == first and list(sequence[index:index + width]) == list(pattern):
-                return index
-    return len(sequence)
-
-
-def instruction_token_ids(
-    prompt: Sequence[int],
-    placeholder_positions: Sequence[int],
-    *,
-    excluded_ids: frozenset[int],
-    turn_end_marker: Sequence[int],
-) -> list[tuple[int, ...]]:
-    """The instruction of each image: the prompt's text tokens up to the end of the user turn holding it.
-
-    For the image whose placeholder sits at ``p``, the instruction is every prompt token before the first
-    ``turn_end_marker`` (the chat template's generation prompt, e.g. ``ASSISTANT:``) after ``p`` -- or before the
-    end of the prompt if there is none -- minus special tokens and image placeholders (``excluded_ids``).
-    The rule makes an image's selection a function of the conversation *up to its own turn*: later turns
-    reuse the same kept tokens, so the encoder cache and the prefix cache hit across a multi-turn chat.
-    """
-    instructions = []
-    for position in placeholder_positions:
-        end = find_subsequence(prompt, turn_end_marker, position + 1)
-        instructions.append(tuple(token for token in prompt[:end] if token not in excluded_ids))
-    return instructions
-
-
-class _TokenizerFacts:
-    """Per-tokenizer facts the instruction rule needs, computed once per processor (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._facts: tuple[frozenset[int], tuple[int, ...]] | None = None
-
-    def get(self, tokenizer: Any, placeholder_ids: Sequence[int]) -> tuple[frozenset[int], tuple[int, ...]]:
-        with self._lock:
-            if self._facts is None:
-                excluded = frozenset(int(i) for i in tokenizer.all_special_ids) | frozenset(placeholder_ids)
-                self._facts = (excluded, tuple(_generation_prompt_ids(tokenizer)))
-            return self._facts
-
-
-def _generation_prompt_ids(tokenizer: Any) -> list[int]:
-    """Token ids of the chat template's generation prompt (the assistant-turn opener), or ``[]``."""
-    if not getattr(tokenizer, "chat_template", None):
-        return []
-    try:
-        conversation = [{"role": "user", "content": "x"}]
-        with_prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        without = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
-    except Exception:  # a template that cannot render a bare user turn: fall back to "whole prompt"
-        return []
-    if not with_prompt.startswith(without) or with_prompt == without:
-        return []
-    return list(tokenizer.encode(with_prompt[len(without):].strip(), add_special_tokens=False))
-
-
 def plan_images(
     request: PruningRequest | None,
     prompt: Sequence[int],
     placeholder_ids: Sequence[int],
     num_images: int,
     tokenizer: Any,
-    facts: _TokenizerFacts,
+    facts: TokenizerFacts,
     excluded_placeholder_ids: Sequence[int] | None = None,
 ) -> tuple[ImagePlan, ...] | None:
     """One plan per image, in prompt order, or ``None`` when the request prunes nothing.
@@ -198,7 +143,7 @@ def plan_images(
     """
     if request is None or num_images == 0:
         return None
-    excluded, marker = facts.get(
+    excluded, markers = facts.get(
         tokenizer, placeholder_ids if excluded_placeholder_ids is None else excluded_placeholder_ids
     )
     placeholder_set = set(placeholder_ids)
@@ -206,7 +151,7 @@ def plan_images(
     # Prompts whose images are not marked by a placeholder token (rare: text-level targets) use the whole
     # prompt as the instruction of every image.
     positions += [len(prompt)] * (num_images - len(positions))
-    instructions = instruction_token_ids(prompt, positions, excluded_ids=excluded, turn_end_marker=marker)
+    instructions = instruction_token_ids(prompt, positions, excluded_ids=excluded, markers=markers)
     return tuple(ImagePlan(request.budget, request.selector, ids) for ids in instructions)
 
 
@@ -269,7 +214,7 @@ class PruningProcessorMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        self._tokenizer_facts = _TokenizerFacts()
+        self._tokenizer_facts = TokenizerFacts()
         metrics.initialize_api_server_metrics(self.info.ctx.model_config.served_model_name)  # type: ignore[attr-defined]
 
     def get_dummy_mm_inputs(self, *args: Any, **kwargs: Any) -> Any:
@@ -287,7 +232,7 @@ class PruningProcessorMixin:
                 replace(inputs, hf_processor_mm_kwargs=strip_private_kwargs(inputs.hf_processor_mm_kwargs)), timing_ctx
             )
         request_kwargs = allow_listed_request_kwargs(inputs.hf_processor_mm_kwargs)
-        ticket = inputs.hf_processor_mm_kwargs.get(REQUEST_TAG_KEY)
+        request_ids = metrics.REQUEST_BUCKETS.claim(inputs.hf_processor_mm_kwargs.get(REQUEST_TAG_KEY))
         # The operator's --mm-processor-kwargs are merged in here and in every HF-processor call (through the
         # context): only the request's own options are restricted to the plugin's keys.
         merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(request_kwargs)  # type: ignore[attr-defined]
@@ -308,16 +253,37 @@ class PruningProcessorMixin:
             )
             if modality_plans is not None:
                 plans[modality] = modality_plans
+        explained = request is not None and request.explain and bool(request_ids) and bool(plans)
+        if explained:
+            plans = {modality: tuple(replace(plan, explain_id=secrets.randbits(62) | 1) for plan in modality_plans)
+                     for modality, modality_plans in plans.items()}
         if plans:
             kwargs[PLAN_KEY] = plans
         result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)  # type: ignore[misc]
-        self._record_metrics(inputs, request, result, ticket)
+        self._record_metrics(inputs, request, result, request_ids)
+        if explained:
+            self._record_explanation(request_ids, plans)
         return result
+
+    def _record_explanation(self, request_ids: tuple[str, ...], plans: Mapping[str, Sequence[ImagePlan]]) -> None:
+        """The request part of the explanation (see :mod:`textscythe_vllm.explain`). Never fails the request."""
+        try:
+            tokenizer = self.info.get_tokenizer()  # type: ignore[attr-defined]
+            items = [
+                {"modality": modality, "index": index, "explain_id": plan.explain_id,
+                 "instruction": [tokenizer.decode([token]) for token in plan.instruction]}
+                for modality, modality_plans in plans.items() for index, plan in enumerate(modality_plans)
+            ]
+            model = self.info.ctx.model_config.served_model_name  # type: ignore[attr-defined]
+            explain.record_request(list(request_ids), str(model), items)
+        except Exception:
+            logger.warning("textscythe: could not record the explanation", exc_info=True)
 
     def _check_request(self, request: PruningRequest | None) -> None:
         """Refuse a request the model cannot serve by raising ``PruningRequestError``; by default accept all."""
 
-    def _record_metrics(self, inputs: Any, request: PruningRequest | None, result: Any, ticket: object) -> None:
+    def _record_metrics(self, inputs: Any, request: PruningRequest | None, result: Any,
+                        request_ids: tuple[str, ...]) -> None:
         """Count the request (API server only: profiling never gets here). Never fails the request."""
         try:
             before, after = [], []
@@ -329,7 +295,7 @@ class PruningProcessorMixin:
             model_name = self.info.ctx.model_config.served_model_name  # type: ignore[attr-defined]
             budget = None if request is None else request.budget
             metrics.record_request(model_name, budget, None if request is None else request.selector, before, after)
-            metrics.REQUEST_BUCKETS.redeem(ticket, metrics.budget_bucket(budget))
+            metrics.REQUEST_BUCKETS.file(request_ids, metrics.budget_bucket(budget))
         except Exception:
             logger.warning("textscythe: could not record request metrics", exc_info=True)
 

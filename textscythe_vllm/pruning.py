@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from textscythe_vllm import LOGGER_NAME, metrics
+from textscythe_vllm import LOGGER_NAME, explain, metrics
 from textscythe_vllm.processing import ImagePlan, plan_field
 from textscythe_vllm.selectors import TokenSelector, get_selector
+from textscythe_vllm.selectors.textscythe import entropy_ratio
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -71,6 +72,7 @@ def choose_rows_and_positions(
     plan: ImagePlan,
     candidates: Tensor | None = None,
     extra_seconds: float = 0.0,
+    layout: dict[str, Any] | None = None,  # how the rows lie on the item (explanations); default: square grid
 ) -> tuple[Tensor, Tensor]:
     """``(rows [min(budget, M), D], positions [min(budget, M)])``: the rows to feed the LLM, in position order,
     and the ascending row index in ``features`` each one stands at (a merged row stands at its selector's
@@ -83,7 +85,10 @@ def choose_rows_and_positions(
     num_rows = features.shape[0]
     keep = min(plan.budget, num_rows)
     if keep == num_rows:
-        return features, torch.arange(num_rows, device=features.device)
+        everything = torch.arange(num_rows, device=features.device)
+        if plan.explain_id:
+            _explain_selection(plan, features, text, everything, {}, None, 0.0, layout)
+        return features, everything
     started = time.perf_counter()
     layout_matches = candidates is None or candidates.shape[0] == num_rows
     try:
@@ -94,22 +99,47 @@ def choose_rows_and_positions(
                 f"attention ({None if attention is None else attention.shape[0]}) or layout "
                 f"({None if candidates is None else candidates.shape[0]}) rows differ from the {num_rows} features"
             )
-        positions, rows = _select(features, attention, text, plan.selector, keep, candidates)
+        positions, rows, info = _select(features, attention, text, plan.selector, keep, candidates)
         if rows.shape != (keep, features.shape[1]):
             raise RuntimeError(f"selector {plan.selector!r} returned {tuple(rows.shape)}, expected {keep} rows")
+        fallback = None
     except Exception:
         logger.exception("textscythe: selector %r failed; falling back to %r", plan.selector, FALLBACK_SELECTOR)
         metrics.record_fallback(plan.selector)
+        info, fallback = {}, FALLBACK_SELECTOR
         try:
-            positions, rows = _select(
+            positions, rows, _ = _select(
                 features, None, text[:0], FALLBACK_SELECTOR, keep, candidates if layout_matches else None
             )
         except Exception:
             logger.exception("textscythe: fallback selector failed; keeping the first %d rows", keep)
-            positions, rows = torch.arange(keep, device=features.device), features[:keep]
-    metrics.record_selection(plan.selector, time.perf_counter() - started + extra_seconds)
+            positions, rows, fallback = torch.arange(keep, device=features.device), features[:keep], "first_rows"
+    seconds = time.perf_counter() - started + extra_seconds
+    metrics.record_selection(plan.selector, seconds)
     _log_selection(plan, num_rows, positions)
+    if plan.explain_id:
+        _explain_selection(plan, features, text, positions, info, fallback, seconds, layout)
     return rows, positions
+
+
+def _explain_selection(plan: ImagePlan, features: Tensor, text: Tensor, positions: Tensor, info: dict[str, Tensor],
+                       fallback: str | None, seconds: float, layout: dict[str, Any] | None) -> None:
+    """The worker's part of an explanation (see :mod:`textscythe_vllm.explain`). Never raises."""
+    try:
+        key_mask = info.get("key_text_mask")
+        relevant = info.get("relevant_mask")
+        ratios = entropy_ratio(text, features).tolist() if text.shape[0] else []
+        explain.record_item(plan.explain_id, {
+            "selector": plan.selector, "budget": plan.budget, "num_tokens": features.shape[0],
+            "kept": int(positions.shape[0]), "kept_positions": positions.tolist(),
+            "layout": layout or explain.grid_layout(features.shape[0]),
+            "entropy_ratio": [round(ratio, 6) for ratio in ratios],
+            "key_token_indices": [] if key_mask is None else key_mask.nonzero().flatten().tolist(),
+            "relevant": None if relevant is None else int(relevant.sum()),
+            "fallback": fallback, "selector_seconds": round(seconds, 6),
+        })
+    except Exception:
+        logger.warning("textscythe: could not record the explanation of a selection", exc_info=True)
 
 
 def _log_selection(plan: ImagePlan, num_rows: int, positions: Tensor) -> None:
@@ -130,11 +160,11 @@ def _log_selection(plan: ImagePlan, num_rows: int, positions: Tensor) -> None:
 
 def _select(
     features: Tensor, attention: Tensor | None, text: Tensor, selector: str, keep: int, candidates: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """``(positions [keep], rows [keep, D])`` in position order."""
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``(positions [keep], rows [keep, D], the selector's diagnostics)`` in position order."""
     if candidates is None:
         result = selector_instance(selector).select(features, text, attention, keep)
-        return result.indices, result.embeddings
+        return result.indices, result.embeddings, result.info
     content_rows = candidates.nonzero().squeeze(1)  # [C]
     num_content = content_rows.shape[0]
     result = selector_instance(selector).select(
@@ -146,7 +176,7 @@ def _select(
         positions = torch.cat([positions, layout_rows])
         rows = torch.cat([rows, features[layout_rows]])
     order = torch.argsort(positions)
-    return positions[order], rows[order]
+    return positions[order], rows[order], result.info
 
 
 def prune_items(
@@ -170,6 +200,7 @@ def prune_items_with_positions(
     embed_tokens: Callable[[Tensor], Tensor],
     candidates: Sequence[Tensor | None] | None = None,
     attention_seconds: float = 0.0,
+    layouts: Sequence[dict[str, Any] | None] | None = None,  # per item, for explanations
 ) -> list[tuple[Tensor, Tensor | None]]:
     """:func:`prune_items` with each pruned item's kept positions (``[K]`` ascending row indices of its
     features); ``None`` for an item that comes back unchanged."""
@@ -178,12 +209,17 @@ def prune_items_with_positions(
     pruned: list[tuple[Tensor, Tensor | None]] = []
     for index, (item, plan) in enumerate(zip(features, plans, strict=True)):
         if not 0 < plan.budget < item.shape[0]:
+            if plan.explain_id:  # the budget keeps every row: the explanation says so
+                _explain_selection(plan, item, item.new_zeros((0, item.shape[1])),
+                                   torch.arange(item.shape[0], device=item.device), {}, None, 0.0,
+                                   None if layouts is None else layouts[index])
             pruned.append((item, None))
             continue
         ids = torch.tensor(plan.instruction, dtype=torch.long, device=item.device)
         text = embed_tokens(ids) if ids.numel() else item.new_zeros((0, item.shape[1]))
         pruned.append(choose_rows_and_positions(
-            item, attention[index], text, plan, None if candidates is None else candidates[index], share
+            item, attention[index], text, plan, None if candidates is None else candidates[index], share,
+            None if layouts is None else layouts[index],
         ))
     return pruned
 

@@ -13,8 +13,10 @@ from textscythe_vllm.selectors import available_selectors
 
 BUDGET_FIELD = "visual_token_budget"
 SELECTOR_FIELD = "visual_token_selector"
+#: ``true`` asks for the request's selection to be kept for ``GET /v1/textscythe/explanations/{id}``.
+EXPLAIN_FIELD = "visual_token_explain"
 #: Keys a client may set in ``mm_processor_kwargs`` (directly or through the top-level fields).
-CLIENT_KEYS = (BUDGET_FIELD, SELECTOR_FIELD)
+CLIENT_KEYS = (BUDGET_FIELD, SELECTOR_FIELD, EXPLAIN_FIELD)
 DEFAULT_SELECTOR = "textscythe"
 #: Budgets above this are refused: no supported model produces more visual tokens per item, and absurd values
 #: (2**63, 1e300 as int) must not reach tensor constructors.
@@ -52,12 +54,20 @@ def parse_selector(value: object) -> str:
     return value
 
 
+def parse_explain(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise PruningRequestError(EXPLAIN_FIELD, f"'{EXPLAIN_FIELD}' must be true or false, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class PruningRequest:
-    """What a request asks for: ``budget`` visual tokens per image, chosen by ``selector``."""
+    """What a request asks for: ``budget`` visual tokens per image, chosen by ``selector``; ``explain`` keeps the
+    selection for the explain route."""
 
     budget: int
     selector: str = DEFAULT_SELECTOR
+    explain: bool = False
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, object]) -> PruningRequest | None:
@@ -66,6 +76,7 @@ class PruningRequest:
         A selector without a budget is validated but prunes nothing (a budget is what asks for pruning).
         """
         selector = parse_selector(kwargs[SELECTOR_FIELD]) if SELECTOR_FIELD in kwargs else DEFAULT_SELECTOR
+        explain = parse_explain(kwargs[EXPLAIN_FIELD]) if EXPLAIN_FIELD in kwargs else False
         if BUDGET_FIELD not in kwargs:
             return None
-        return cls(budget=parse_budget(kwargs[BUDGET_FIELD]), selector=selector)
+        return cls(budget=parse_budget(kwargs[BUDGET_FIELD]), selector=selector, explain=explain)
