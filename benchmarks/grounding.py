@@ -9,11 +9,10 @@ Real text side, planted image side:
   ``--embeddings transformers`` uses instead; it needs ``accelerate`` and takes ~1 min on 2 cores).
 * **Questions**: generated from templates (``--questions`` of them, seeded), of varied length -- optional
   filler before/after, optional system-prompt boilerplate -- each naming 1 or 2 objects (the *asked* objects)
-  of the 4 in the scene. Each is rendered with SmolLM2's chat template (system turn + user turn, as a served
-  model would see it; the template adds its own default system prompt when none is given) and the text
-  tokens are the prompt's tokens up to the end of the user turn **minus special tokens**, as the plugin
-  builds an image's instruction (``--prompt-format plain``: the question alone, with the system text
-  prepended when there is one).
+  of the 4 in the scene. Each is rendered with SmolLM2's chat template (system turn + user turn holding the
+  image, as a served model would see it; the template adds its own default system prompt when none is given)
+  and the instruction is picked out of the prompt by the plugin's own rule (``textscythe_vllm.instruction``:
+  the words of the user message holding the image). ``--prompt-format plain``: the question alone.
 * **Scenes**: a 2 x 2 mosaic on LLaVA-1.5's 24 x 24 token grid (N = 576, each quadrant 12 x 12 = 144 tokens);
   every token of a quadrant is its object word's embedding (the mean of the word's sub-token embeddings, the
   word tokenised as it appears mid-sentence, with its leading space) plus Gaussian noise whose norm is
@@ -61,6 +60,7 @@ if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when t
 
 from _report import REPO_ROOT, pyplot, save_figure, show, write_report  # noqa: E402
 
+from textscythe_vllm.instruction import TokenizerFacts, user_spans  # noqa: E402
 from textscythe_vllm.selectors import available_selectors, get_selector  # noqa: E402
 from textscythe_vllm.selectors.textscythe import threshold_scale  # noqa: E402
 
@@ -165,7 +165,8 @@ class TextSide:
 
         self.gguf_path = gguf_path
         self.tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        self.special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
+        self.tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})  # marks the image's turn
+        self.instruction_facts = TokenizerFacts()
         self._rows: dict[int, torch.Tensor] = {}
         self._table: torch.Tensor | None = None
         if mode == "transformers":
@@ -230,17 +231,21 @@ def generate_questions(count: int, seed: int) -> list[Question]:
     return questions
 
 
+IMAGE_TOKEN = "<image>"
+
+
 def tokenize_question(side: TextSide, question: Question, prompt_format: str) -> None:
     """Fill ``text_ids`` (the instruction as the plugin builds it) and ``owner`` (asked-word sub-tokens)."""
     tokenizer = side.tokenizer
     if prompt_format == "chat":
-        messages = [{"role": "user", "content": question.question}]
+        # as a served model sees it: system turn (or the template's default one), then the user turn with the
+        # image; the plugin's own rule (textscythe_vllm.instruction) picks the instruction out of the prompt
+        messages = [{"role": "user", "content": IMAGE_TOKEN + question.question}]
         if question.system is not None:
             messages.insert(0, {"role": "system", "content": question.system})
-        # the user turn without the generation prompt: the plugin stops at the assistant-turn opener
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        rendered = (question.system + " " if question.system else "") + question.question
+        rendered = IMAGE_TOKEN + question.question
     start = rendered.rindex(question.question)
     spans = []
     for word in question.asked:
@@ -248,9 +253,13 @@ def tokenize_question(side: TextSide, question: Question, prompt_format: str) ->
         assert match is not None, (word, question.question)
         spans.append((start + match.start(), start + match.end()))
     encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    prompt, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    excluded, markers = side.instruction_facts.get(tokenizer, [image_id])
+    ((lo_span, hi_span),) = user_spans(prompt, [prompt.index(image_id)], markers)
     ids, owner = [], []
-    for token, (lo, hi) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        if token in side.special_ids:
+    for token, (lo, hi) in zip(prompt[lo_span:hi_span], offsets[lo_span:hi_span], strict=True):
+        if token in excluded:
             continue
         ids.append(int(token))
         # a sub-token of an asked word: its characters overlap the word (a leading space alone does not count)
