@@ -7,8 +7,9 @@ Hand-set weights (everything else random, from ``seed``):
   ``(r, g, b)`` and its negation into six channels; the position embedding adds a constant pair ``(k, -k)``.
   Every channel pair sums to zero, so CLIP's pre-LayerNorm keeps the direction of ``(r, g, b, -r, -g, -b, k,
   -k)`` and only rescales it -- the colour survives, black included. The encoder layers' residual branches are
-  zeroed (``out_proj`` and ``fc2``), so the feature layer passes that vector through unchanged; the [CLS]
-  attention read by the plugin still comes from the (random) query/key projections.
+  zeroed (``out_proj`` and ``fc2``), so the feature layer passes that vector through unchanged. The query and key
+  projections are zeroed too: the [CLS] attention is uniform, so TextScythe's fill is pure diversity and what
+  differs between two questions is only what they ask about.
 * **Projector**: ``linear_1`` has one unit per palette colour, ``s * (cos(u, colour) - 0.9)`` -- positive only for
   the patch's own colour (palette colours are at most 0.82 apart in cosine) -- and GELU keeps just that unit;
   ``linear_2`` maps the unit to the LLM's input embedding of the colour's word. So a red patch's projected token
@@ -120,9 +121,9 @@ def build_colour_llava(path: str | Path, *, seed: int = 0) -> Path:
         vision.pre_layrnorm.weight.fill_(1.0)
         vision.pre_layrnorm.bias.zero_()
         for layer in vision.encoder.layers:
-            for residual_branch in (layer.self_attn.out_proj, layer.mlp.fc2):
-                residual_branch.weight.zero_()
-                residual_branch.bias.zero_()
+            for zeroed in (layer.self_attn.out_proj, layer.mlp.fc2, layer.self_attn.q_proj, layer.self_attn.k_proj):
+                zeroed.weight.zero_()
+                zeroed.bias.zero_()
         projector = model.model.multi_modal_projector
         embeddings = model.get_input_embeddings().weight  # [V, D]
         names = list(PALETTE)
