@@ -193,16 +193,22 @@ def test_eval_openai_against_tiny_server(tiny_llava_dir: Path, tmp_path: Path) -
         command = [sys.executable, str(BENCHMARKS / "eval_openai.py"), "--base-url", server.base_url,
                    "--dataset", "easy-vqa", "--max-samples", "6", "--budgets", "none,64",
                    "--selectors", "textscythe,random", "--max-tokens", "4", "--concurrency", "3",
-                   "--out", str(out)]
+                   "--out", str(out), "--predictions", str(tmp_path / "predictions.jsonl")]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["config"]["model"] == "tiny-llava"  # found through GET /v1/models
     rows = {row["setting"]: row for row in report["settings"]}
     assert list(rows) == ["none", "textscythe@64", "random@64"]
-    for row in rows.values():
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    scorer = _load_script("eval_openai")
+    for name, row in rows.items():
         assert (row["samples"], row["errors"]) == (6, 0)
-        assert 0 <= row["accuracy"] <= 100
+        mine = [p for p in predictions if p["setting"] == name]
+        assert len(mine) == 6
+        for prediction in mine:  # every verdict is the scorer's, and the accuracy is their mean
+            assert prediction["correct"] == scorer.is_correct(prediction["prediction"], prediction["answers"])
+        assert row["accuracy"] == pytest.approx(100 * sum(p["correct"] for p in mine) / 6)
     # one image per sample: 576 visual tokens unpruned, 64 with the budget
     for name in ("textscythe@64", "random@64"):
         saved = rows["none"]["mean_prompt_tokens"] - rows[name]["mean_prompt_tokens"]
@@ -282,13 +288,13 @@ def test_serving_smoke(tmp_path: Path) -> None:
     gap = rows["64"]["gap_components_s"]
     assert set(gap) == {"request_overhead", "vision_encoder", "attention_extraction", "selector",
                         "llm_prefill_residual"}
-    assert rows["64"]["within_10pct_of_b"] in (True, False)
+    assert rows["64"]["within_10pct_of_b"] == (rows["64"]["ttft_over_bound_b"] <= 1.10)
     # the control (the same request pruned by the near-free "uniform" selector, its own selector metric)
     control = rows["64"]["control"]
     assert config["control_selector"] == "uniform" and rows["none"]["control"] is None
     assert len(control["bound_c_per_round_s"]) == config["rounds"] and control["bound_c_s"] > 0
     assert control["ttft_over_bound_c"] == pytest.approx(1 + control["gap_c_s"] / control["bound_c_s"])
-    assert report["verdicts"]["ttft_within_10pct_of_bound_c"] in (True, False)
+    assert report["verdicts"]["ttft_within_10pct_of_bound_c"] == (control["ttft_over_bound_c"] <= 1.10)
     assert "bound (c)" in out.with_suffix(".md").read_text()
 
     levels = report["concurrency"]
@@ -305,3 +311,19 @@ def test_serving_smoke(tmp_path: Path) -> None:
     assert f"| 64 | {t + 64} |" in done.stdout and "| 4 | pruned | 4 | 0 |" in done.stdout
     assert out.with_suffix(".md").read_text().count("| none |") == 2
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.server
+def test_serving_pruned_ttft_is_below_unpruned_at_real_width(tmp_path: Path) -> None:
+    """docs/benchmarks.md's "pruning is never slower", on a shape where it must hold: Vicuna-7B / CLIP-L widths,
+    one LLM layer (the LLM prefill of 612 vs 100 tokens dominates the selector's few milliseconds)."""
+    out = tmp_path / "serving.json"
+    command = [sys.executable, str(BENCHMARKS / "serving.py"), "--llm-layers", "1", "--rounds", "2", "--budgets", "64",
+               "--concurrency", "--max-tokens", "2", "--no-plot", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["served_text_config"]["hidden_size"] == 4096 and report["errors"] == 0
+    rows = {row["budget"]: row for row in report["single_stream"]}
+    assert rows["64"]["ttft_s"] < rows["none"]["ttft_s"], (rows["64"]["ttft_s"], rows["none"]["ttft_s"])
+    assert rows["64"]["prompt_tokens"] == rows["none"]["prompt_tokens"] - IMAGE_TOKENS + 64

@@ -802,12 +802,12 @@ def test_dockerfile_builds_on_the_pinned_vllm_image():
     text = DOCKERFILE.read_text()
     instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
     from_lines = [line for line in instructions if line.startswith("FROM ")]
-    assert from_lines == ["FROM vllm/vllm-openai:v0.32.0"]
-    # The image's vLLM is the series the plugin supports (textscythe_vllm/_compat.py, pyproject.toml).
-    compat = (ROOT / "textscythe_vllm" / "_compat.py").read_text()
-    series = re.search(r'TESTED_VLLM_SERIES = "([0-9.]+)"', compat).group(1)
-    assert from_lines[0].split(":v")[1].startswith(series + ".")
-    assert f'"vllm>={series}.0,' in (ROOT / "pyproject.toml").read_text()
+    assert from_lines == ["FROM vllm/vllm-openai:v0.33.0"]
+    # The image's vLLM is the newest series the plugin supports (textscythe_vllm/_compat.py, pyproject.toml).
+    from textscythe_vllm._compat import SUPPORTED_VLLM_SERIES, VLLM_REQUIREMENT
+
+    assert from_lines[0].split(":v")[1].startswith(SUPPORTED_VLLM_SERIES[-1] + ".")
+    assert f'"{VLLM_REQUIREMENT}",' in (ROOT / "pyproject.toml").read_text()
     assert re.search(r"pip install --no-cache-dir\b.* \.\s*\\?$", text, re.M)
     assert "--no-deps" not in text
     for line in instructions:

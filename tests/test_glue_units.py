@@ -216,11 +216,15 @@ def test_anyres_layout_matches_vllm_merge(tiny_llava_next_dir):
 def test_untested_vllm_version_is_refused_with_one_clear_message():
     from textscythe_vllm._compat import UnsupportedVLLMVersion, check_vllm_version
 
-    check_vllm_version("0.32.0")
-    check_vllm_version("0.32.3+cpu")
-    for version in ("0.33.0", "0.31.2", "1.0.0"):
-        with pytest.raises(UnsupportedVLLMVersion, match=r"supports vLLM 0\.32\.x only"):
+    for admitted in ("0.32.0", "0.32.3+cpu", "0.33.0", "0.33.1", "0.33.0+cu130"):
+        check_vllm_version(admitted)
+    messages = set()
+    for version in ("0.31.2", "0.34.0", "1.0.0", "0.3.3", "0.320.0"):
+        with pytest.raises(UnsupportedVLLMVersion, match=r"supports vLLM 0\.32\.x and 0\.33\.x only") as caught:
             check_vllm_version(version)
+        messages.add(str(caught.value).replace(version, "V"))
+    assert len(messages) == 1  # one message, naming the installed version and the requirement
+    assert "'vllm>=0.32,<0.34'" in messages.pop()
 
 
 def test_profiling_inputs_stay_unpruned_under_a_server_default_budget(tiny_llava_dir, caplog):
@@ -293,3 +297,52 @@ def test_processor_takes_only_the_plugins_keys_from_a_request(tiny_llava_dir, ca
     # the operator's options reach the HF processor (a server-wide mean shifts every pixel)
     operator_pixels = process({"image_mean": [0.0, 0.0, 0.0]})[0]
     assert not torch.allclose(operator_pixels, clean_pixels)
+
+
+class _CountingFallbacks:
+    def __init__(self) -> None:
+        self.fallbacks: list[str] = []
+
+    def record_selection(self, selector: str, seconds: float) -> None:
+        pass
+
+    def record_fallback(self, selector: str) -> None:
+        self.fallbacks.append(selector)
+
+
+def _wrong_count_selector(visual, text, attention, k):
+    from textscythe_vllm.selectors import SelectionResult
+
+    return SelectionResult(indices=torch.arange(k - 1), embeddings=visual[: k - 1])
+
+
+def test_selector_returning_the_wrong_row_count_takes_the_uniform_fallback(monkeypatch):
+    """The engine dies on fewer rows than placeholders: a selector that returns K - 1 rows must not get through."""
+    from textscythe_vllm import metrics
+
+    real = pruning.selector_instance
+    broken = SimpleNamespace(select=_wrong_count_selector)
+    monkeypatch.setattr(pruning, "selector_instance", lambda name: broken if name == "textscythe" else real(name))
+    counter = _CountingFallbacks()
+    monkeypatch.setattr(metrics, "_worker_metrics", counter)
+    features, text = torch.randn(30, 16), torch.randn(3, 16)
+    rows, positions = pruning.choose_rows_and_positions(features, torch.rand(30), text, ImagePlan(8, "textscythe", (5,)))
+    expected = real("uniform").select(features, text[:0], None, 8).indices
+    assert torch.equal(positions, expected) and torch.equal(rows, features[expected])
+    assert counter.fallbacks == ["textscythe"]
+
+
+def test_failing_fallback_keeps_the_first_k_rows(monkeypatch, caplog):
+    from textscythe_vllm import metrics
+
+    def raising(*args, **kwargs):
+        raise RuntimeError("broken selector")
+
+    monkeypatch.setattr(pruning, "selector_instance", lambda name: SimpleNamespace(select=raising))
+    counter = _CountingFallbacks()
+    monkeypatch.setattr(metrics, "_worker_metrics", counter)
+    features = torch.randn(30, 16)
+    rows, positions = pruning.choose_rows_and_positions(features, None, torch.randn(2, 16), ImagePlan(8, "divprune", ()))
+    assert torch.equal(positions, torch.arange(8)) and torch.equal(rows, features[:8])
+    assert counter.fallbacks == ["divprune"]
+    assert "fallback selector failed; keeping the first 8 rows" in caplog.text

@@ -1,8 +1,8 @@
 """Real ``vllm serve`` with the plugin on a tiny LLaVA-OneVision (SigLIP tower, real any-resolution grid with
-``anyres_max_9``, pooled video frames; dummy weights), driven through the ``openai`` SDK, with chunked prefill
+``anyres_max_9``, pooled video frames; saved random float32 weights), driven through the ``openai`` SDK, with chunked prefill
 (``--max-num-batched-tokens 512``): images of several sizes, videos, several images and videos in one request,
 bad values, newline rows never kept, and -- against a stock ``vllm serve`` (``VLLM_PLUGINS=``) on the same
-dummy weights -- requests without a budget identical token for token, with identical log-probabilities."""
+saved weights -- requests without a budget identical token for token, with identical log-probabilities."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from textscythe_vllm.testing import tiny_onevision
 from textscythe_vllm.testing.images import data_url, scene
 from textscythe_vllm.testing.server import (
     VLLMServer,
+    assert_image_drives_outputs,
     assert_same_outputs,
     greedy_with_logprobs,
     stock_outputs,
@@ -25,7 +26,8 @@ from textscythe_vllm.testing.server import (
 pytestmark = pytest.mark.server
 
 QUESTION = "what is the dog doing next to the red car ?"
-SERVER_ARGS = ["--load-format", "dummy", "--seed", "0", "--max-model-len", "20000", "--max-num-batched-tokens", "512",
+# saved random weights, float32: the image drives the logits, so "token for token" comparisons see the features
+SERVER_ARGS = ["--dtype", "float32", "--seed", "0", "--max-model-len", "20000", "--max-num-batched-tokens", "512",
                "--limit-mm-per-prompt", '{"image": 3, "video": 2}']
 # (width, height): a single 384 px view + tiles, a wide image, and one beyond 9 views' worth (down-sampled tiles)
 SIZES = {"small": (336, 336), "wide": (800, 400), "large": (1600, 1200)}
@@ -45,7 +47,7 @@ def message(text: str, images=(), videos=()) -> dict:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_onevision.build_tiny_onevision(tmp_path_factory.mktemp("tiny-onevision"))
+    return tiny_onevision.build_tiny_onevision(tmp_path_factory.mktemp("tiny-onevision"), with_weights=True)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +197,11 @@ def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_
     theirs = stock_outputs(model_dir, SERVER_ARGS, conversations, tmp_path_factory.mktemp("logs") / "stock.log")
     for name in conversations:
         assert_same_outputs(ours[name], theirs[name])
+    # the tolerance is meaningful: another image (and another video) moves the outputs far more
+    assert_image_drives_outputs(ours["large"], greedy_with_logprobs(
+        client, server.model_name, [message(QUESTION, images=[scene(55, *SIZES["large"])])]))
+    assert_image_drives_outputs(ours["video"], greedy_with_logprobs(
+        client, server.model_name, [message(QUESTION, videos=[video_url(17)])]))
     # the comparison can fail: a pruned request differs from the stock output
     pruned = greedy_with_logprobs(client, server.model_name, conversations["large"], visual_token_budget=16)
     with pytest.raises(AssertionError):

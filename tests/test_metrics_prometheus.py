@@ -31,7 +31,8 @@ def stack(tiny_llava_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "vllm-metrics.log"
     with VLLMServer(tiny_llava_dir, ["--load-format", "dummy"], log_path=log, served_model_name="tiny-llava") as server, \
             PrometheusServer(server.base_url.removeprefix("http://")) as prometheus:
-        # Prometheus scrapes while the traffic runs, so rates over the last minute have data.
+        started = time.monotonic()
+        # Prometheus scrapes while the traffic runs, so rates over the traffic's window have data.
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
         for index, (budget, selector) in enumerate(REQUESTS):
             extra = {}
@@ -43,14 +44,27 @@ def stack(tiny_llava_dir, tmp_path_factory):
                 model=server.model_name, messages=[user_message("what colour is the car ?", scene(100 + index))],
                 max_tokens=3, extra_body=extra or None,
             )
-            time.sleep(1.0)
+            # at least one scrape between requests, so rate() sees each step
+            scrapes = prometheus.value("count_over_time(up[10m])") or 0
+            assert wait_until(lambda seen=scrapes: (prometheus.value("count_over_time(up[10m])") or 0) > seen, 30)
         # A text-only request: counted by vLLM, not by the plugin's per-budget metrics.
         client.chat.completions.create(
             model=server.model_name, messages=[{"role": "user", "content": "hello"}], max_tokens=2
         )
         assert prometheus.wait_for("sum(textscythe_requests_total)", len(REQUESTS)) == len(REQUESTS)
-        time.sleep(3.0)  # a few more scrapes after the last request
+        scrapes = prometheus.value("count_over_time(up[10m])") or 0  # two more scrapes after the last request
+        assert wait_until(lambda: (prometheus.value("count_over_time(up[10m])") or 0) >= scrapes + 2, 30)
+        server.traffic_started = started
         yield server, prometheus
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
 
 
 def test_token_counters_match_the_requests(stack):
@@ -111,13 +125,18 @@ def dashboard_expressions() -> list[str]:
 
 
 def test_every_dashboard_expression_returns_data(stack):
-    _, prometheus = stack
+    server, prometheus = stack
     expressions = dashboard_expressions()
     assert len(expressions) >= 10
-    empty = []
-    for expression in expressions:
-        concrete = expression.replace("$model_name", ".*")
-        concrete = re.sub(r"\$__rate_interval|\$__interval|\$__range", "1m", concrete)
-        if not prometheus.query(concrete):
-            empty.append(expression)
-    assert not empty, f"no data for: {empty}"
+    # Grafana's range variables become a window reaching back to before the traffic, however slow the machine
+    # was, so every event stays in range; each expression gets until the deadline to return data.
+    window = f"{int(time.monotonic() - server.traffic_started) + 60}s"
+    concrete = {expression: re.sub(r"\$__rate_interval|\$__interval|\$__range", window,
+                                   expression.replace("$model_name", ".*")) for expression in expressions}
+    empty: list[str] = []
+
+    def all_have_data() -> bool:
+        empty[:] = [expression for expression, query in concrete.items() if not prometheus.query(query)]
+        return not empty
+
+    assert wait_until(all_have_data, 30), f"no data for: {empty}"

@@ -532,15 +532,6 @@ def test_plugin_attention_and_features_match_hf(hf: HFReference, vllm_runs):
                                    atol=1e-5, rtol=0)
 
 
-def test_reported_differences(references, vllm_runs):
-    """Not a check: print the largest vLLM-vs-HF log-probability difference (for the record)."""
-    worst = max(
-        abs(a - b)
-        for case in CASES
-        for a, b in zip(vllm_runs["plugin"]["solo"][case.id]["logprobs"], references[case.id].logprobs, strict=True)
-    )
-    print(f"max |logprob vLLM - HF| over {len(CASES)} cases: {worst:.2e}")
-
 
 def test_chunked_prefill_splits_pruned_images_and_videos(vllm_runs):
     """Coverage guard: in the solo runs, prefill steps of CHUNK_TOKENS cut through a pruned image and a pruned

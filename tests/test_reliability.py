@@ -35,12 +35,12 @@ pytestmark = pytest.mark.server
 IMAGE_TOKENS = 576
 LOAD_REQUESTS = 480  # two equal halves
 CONCURRENCY = 16
-REFUSAL = "supports vLLM 0.32.x only"
+REFUSAL = "supports vLLM 0.32.x and 0.33.x only"
 
 
 # --- version refusal (no server stays up) ---------------------------------------------------------------
 def test_untested_vllm_version_refuses_vllm_serve_at_startup(tiny_llava_dir):
-    env = cpu_test_env({"TEXTSCYTHE_VLLM_VERSION_OVERRIDE": "0.33.0"})
+    env = cpu_test_env({"TEXTSCYTHE_VLLM_VERSION_OVERRIDE": "0.34.0"})
     done = subprocess.run(
         [vllm_executable(), "serve", str(tiny_llava_dir), "--load-format", "dummy", "--enforce-eager",
          "--port", "1", "--middleware", "textscythe_vllm.middleware.VisualTokenBudgetMiddleware"],
@@ -49,14 +49,27 @@ def test_untested_vllm_version_refuses_vllm_serve_at_startup(tiny_llava_dir):
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert done.stderr.count(REFUSAL) == 1, output[-3000:]
-    assert "vLLM 0.33.0 is installed" in done.stderr and "VLLM_PLUGINS=" in done.stderr
+    assert "vLLM 0.34.0 is installed" in done.stderr and "VLLM_PLUGINS=" in done.stderr
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_server_starts_and_prunes_when_the_gate_sees_vllm_0_33(tiny_llava_dir, tmp_path):
+    """0.33.x is admitted (its plugin-facing modules are identical to 0.32's; no CPU wheel of it exists to run)."""
+    with VLLMServer(tiny_llava_dir, ["--load-format", "dummy"], log_path=tmp_path / "vllm-0.33.log",
+                    env={"TEXTSCYTHE_VLLM_VERSION_OVERRIDE": "0.33.0"}) as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [user_message("what colour is the car ?", scene(420))]
+        full = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=1)
+        pruned = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=1,
+                                                extra_body={"visual_token_budget": 16})
+        assert pruned.usage.prompt_tokens == full.usage.prompt_tokens - IMAGE_TOKENS + 16
+    assert "visual token pruning enabled" in (tmp_path / "vllm-0.33.log").read_text()
 
 
 def test_untested_vllm_version_refuses_plugin_loading():
     script = (
         "import vllm\n"
-        "vllm.__version__ = '0.33.0'\n"
+        "vllm.__version__ = '0.31.0'\n"
         "from vllm.plugins import load_general_plugins\n"
         "load_general_plugins()\n"
         "print('plugins loaded')\n"
@@ -78,6 +91,23 @@ def in_engine(server: VLLMServer) -> float:
     """Requests the engine holds (running + waiting)."""
     text = scrape(server)
     return load.metric_sum(text, "vllm:num_requests_running") + load.metric_sum(text, "vllm:num_requests_waiting")
+
+
+def kv_usage(server: VLLMServer) -> float:
+    """The engine's KV-cache usage (fraction of blocks in use)."""
+    return load.metric_sum(scrape(server), "vllm:kv_cache_usage_perc")
+
+
+def settled(read, timeout: float = 20.0, interval: float = 0.25) -> float:
+    """``read()`` once two consecutive reads agree (vLLM's stats reach /metrics an iteration late)."""
+    deadline, previous = time.monotonic() + timeout, read()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        current = read()
+        if current == previous:
+            return current
+        previous = current
+    return previous
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.25) -> bool:
@@ -170,9 +200,12 @@ class TestLoadAndDisconnects:
         # nothing died or restarted: same processes, server healthy
         assert server.alive()
         assert load.process_group(pgid) == server.initial_pids
-        # memory: no growth trend once warm (second half vs first half of the same load)
+        # memory: no growth trend once warm (second half vs first half of the same load). docs/operations.md
+        # reports +3 % to +5.4 % over four runs (allocator and encoder-cache warm-up, which flattens after ~2,000
+        # requests); 8 % leaves 2.6 points for a loaded CI machine, while a leak of one preprocessed image
+        # (3 x 336 x 336 float32, 1.35 MB) per request -- +325 MB over a half, +9.5 % -- fails.
         after_first, after_second = rss[-2].mib, rss[-1].mib
-        assert after_second < 1.3 * after_first, summary["rss_mib"]
+        assert after_second < 1.08 * after_first, summary["rss_mib"]
 
     def test_client_disconnects_abort_requests_and_leave_nothing_running(self, server):
         max_tokens = 3500  # tens of seconds of decoding here if the request were not aborted
@@ -202,22 +235,33 @@ class TestLoadAndDisconnects:
                 assert await asyncio.to_thread(wait_until, lambda: in_engine(server) == count, 20)
             # leaving the stack closed every connection mid-stream
 
+        kv_baseline = kv_usage(server)
         before = generated()
         asyncio.run(disconnect_streams(4))
         assert wait_until(lambda: in_engine(server) == 0, 20), scrape(server)
-        time.sleep(1.0)
-        streamed_tokens = generated() - before
+        streamed_tokens = settled(generated) - before
         assert 4 <= streamed_tokens < 4 * max_tokens / 2  # stopped long before max_tokens: aborted
+        # their KV blocks are free again
+        assert wait_until(lambda: kv_usage(server) == kv_baseline, 20), (kv_baseline, kv_usage(server))
 
-        # a non-streaming request whose client gives up (time-out) while it runs
+        # a non-streaming request whose client leaves while it runs: disconnect once it has generated a token
         body = {"model": server.model_name, "visual_token_budget": 32,
                 "messages": [user_message("is there a dog ?", scene(410))], **long_request}
         before = generated()
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=2.5)
+
+        async def leave_after_first_token() -> None:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+                request = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
+                assert await asyncio.to_thread(wait_until, lambda: generated() > before, 60)
+                assert not request.done()  # still generating: the client leaves mid-request
+                request.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await request
+
+        asyncio.run(leave_after_first_token())
         assert wait_until(lambda: in_engine(server) == 0, 20), scrape(server)
-        time.sleep(1.0)
-        assert 1 <= generated() - before < max_tokens / 2  # it ran, and stopped when the client left
+        assert 1 <= settled(generated) - before < max_tokens / 2  # it ran, and stopped when the client left
+        assert wait_until(lambda: kv_usage(server) == kv_baseline, 20), (kv_baseline, kv_usage(server))
 
         # later requests are served normally, pruned to the exact count
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -128,8 +128,13 @@ def test_completions_endpoint_with_budget(client, server):
     response = client.completions.create(
         model=server.model_name, prompt=prompt, max_tokens=2, temperature=0.0, extra_body={"visual_token_budget": 8}
     )
-    # /v1/completions takes no images: the budget is accepted and simply has nothing to prune.
-    assert response.usage.prompt_tokens >= 1
+    # /v1/completions takes no images: the budget is accepted and simply has nothing to prune -- the prompt is
+    # counted exactly as without a budget, as its own tokens (BOS included; "<image>" is one text token here)
+    unbudgeted = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=2, temperature=0.0)
+    from transformers import AutoTokenizer
+
+    expected = len(AutoTokenizer.from_pretrained(server.args[2])(prompt)["input_ids"])
+    assert response.usage.prompt_tokens == unbudgeted.usage.prompt_tokens == expected
 
 
 def test_responses_endpoint_with_budget(client, server):
@@ -197,6 +202,38 @@ def test_prefix_cache_keys_cover_budget_and_question(client, server):
     other_question = chat(client, server, [user_message("is there a dog on the grass ?", image)], 96)
     assert cached_tokens(other_budget) == 0
     assert cached_tokens(other_question) == 0
+
+
+def _selections(server) -> float:
+    """How many selections the worker has run (``textscythe_selector_latency_seconds_count``, all selectors)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server.base_url}/metrics") as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "textscythe_selector_latency_seconds_count")
+
+
+def test_encoder_cache_serves_an_earlier_turns_image(client, server):
+    """docs/how-it-works.md: across the turns of a chat the image's selection is reused. Here the prefix cache
+    cannot help (the system prompt changes, so no block matches from position 1), yet the worker neither encodes
+    nor selects the image again: its hash is unchanged (same image, budget, selector and user words), so vLLM's
+    encoder cache serves the kept rows."""
+    image = scene(31)
+    first = chat(client, server, [{"role": "system", "content": "be brief ."},
+                                  user_message("what colour is the umbrella ?", image)], 96)
+    before = _selections(server)
+    assert before >= 1
+    later = chat(client, server, [{"role": "system", "content": "answer in one word please ."},
+                                  user_message("what colour is the umbrella ?", image),
+                                  {"role": "assistant", "content": "it is red"},
+                                  {"role": "user", "content": "and the car ?"}], 96)
+    assert cached_tokens(later) == 0  # no prefix-cache hit at all
+    assert later.usage.prompt_tokens > first.usage.prompt_tokens
+    assert _selections(server) == before  # the image's kept rows came from the encoder cache
+    # the check can fail: the same image asked with other words is selected (and counted) anew
+    chat(client, server, [user_message("is there a dog on the grass ?", image)], 96)
+    assert _selections(server) == before + 1
 
 
 def test_three_turn_conversation_reuses_the_image_selection(client, server):

@@ -8,6 +8,7 @@ import pytest
 from textscythe_vllm.testing.images import scene, user_message
 from textscythe_vllm.testing.server import (
     VLLMServer,
+    assert_image_drives_outputs,
     assert_same_outputs,
     greedy_with_logprobs,
     stock_outputs,
@@ -15,14 +16,21 @@ from textscythe_vllm.testing.server import (
 
 pytestmark = pytest.mark.server
 QUESTION = "what colour is the umbrella ?"
-SERVER_ARGS = ["--load-format", "dummy", "--seed", "0"]
+# saved random weights, float32: the image drives the logits, so "token for token" comparisons see the features
+SERVER_ARGS = ["--dtype", "float32", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llava_next_dir, tmp_path_factory):
+def model_dir(tmp_path_factory):
+    from textscythe_vllm.testing.tiny_models import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava-next-weights"), kind="llava-next", with_weights=True)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "vllm-llava-next.log"
-    with VLLMServer(tiny_llava_next_dir, SERVER_ARGS, log_path=log,
-                    served_model_name="tiny-llava-next") as running:
+    with VLLMServer(model_dir, SERVER_ARGS, log_path=log, served_model_name="tiny-llava-next") as running:
         yield running
 
 
@@ -71,17 +79,20 @@ def test_bad_budget_is_400_and_server_lives(client, server):
     assert server.alive()
 
 
-def test_no_budget_is_stock_vllm_token_for_token(client, server, tiny_llava_next_dir, tmp_path_factory):
+def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_path_factory):
     conversations = {
         "square": [user_message(QUESTION, scene(21, 336, 336))],
         "wide": [user_message(QUESTION, scene(22, 672, 336))],
         "large": [user_message(QUESTION, scene(23, 672, 672))],
     }
     ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
-    theirs = stock_outputs(tiny_llava_next_dir, SERVER_ARGS, conversations,
+    theirs = stock_outputs(model_dir, SERVER_ARGS, conversations,
                            tmp_path_factory.mktemp("logs") / "stock-next.log")
     for name in conversations:
         assert_same_outputs(ours[name], theirs[name])
+    # the tolerance is meaningful: another picture of the same size moves the outputs far more
+    other = greedy_with_logprobs(client, server.model_name, [user_message(QUESTION, scene(24, 672, 672))])
+    assert_image_drives_outputs(ours["large"], other)
     pruned = greedy_with_logprobs(client, server.model_name, conversations["large"], visual_token_budget=64)
     with pytest.raises(AssertionError):  # the comparison can fail
         assert_same_outputs(pruned, theirs["large"])

@@ -163,3 +163,18 @@ def assert_same_outputs(ours: tuple[int, list[tuple[str, float]]], theirs: tuple
     assert [token for token, _ in ours[1]] == [token for token, _ in theirs[1]]
     for (_, mine), (_, stock) in zip(ours[1], theirs[1], strict=True):
         assert abs(mine - stock) <= logprob_tolerance, (mine, stock)
+
+
+def assert_image_drives_outputs(one: tuple[int, list[tuple[str, float]]], other: tuple[int, list[tuple[str, float]]],
+                                logprob_tolerance: float = 1e-4, factor: float = 100.0) -> None:
+    """Two requests that differ only in their image give outputs that differ by far more than
+    ``logprob_tolerance`` (a greedy token differs, or a log-probability by ``factor`` x the tolerance): the
+    checkpoint's weights let the pixels drive the logits, so a comparison at that tolerance sees the features."""
+    tokens_one, tokens_other = [token for token, _ in one[1]], [token for token, _ in other[1]]
+    if tokens_one != tokens_other:
+        return
+    largest = max(abs(a - b) for (_, a), (_, b) in zip(one[1], other[1], strict=True))
+    assert largest > factor * logprob_tolerance, (
+        f"another image moved the log-probabilities by at most {largest:.2e}: the weights do not let the image "
+        f"drive the logits, so a {logprob_tolerance} tolerance could hide a change to the features"
+    )
