@@ -273,3 +273,22 @@ def test_property_invariants(name, num_tokens, num_text, budget, seed, with_atte
     visual = visual[torch.arange(num_tokens) % distinct]
     out = get_selector(name).select(visual, text, attention if with_attention else None, budget)
     check_result(name, out, visual, min(budget, num_tokens))
+
+
+@pytest.mark.parametrize("name", available_selectors())
+def test_declared_inputs_are_the_only_inputs_read(name):
+    """The model skips the instruction embedding and the attention probe for selectors that declare they do not
+    read them (``uses_text`` / ``uses_attention``): their picks must not depend on them."""
+    selector = get_selector(name)
+    generator = torch.Generator().manual_seed(7)
+    visual = torch.randn(144, 32, generator=generator)
+    text = torch.randn(5, 32, generator=generator)
+    attention = torch.rand(144, generator=generator)
+    full = selector.select(visual, text, attention, 20)
+    if not selector.uses_text:
+        assert torch.equal(selector.select(visual, text[:0], attention, 20).indices, full.indices), name
+    if not selector.uses_attention:
+        assert torch.equal(selector.select(visual, text, None, 20).indices, full.indices), name
+    if selector.uses_text:  # and the flag is not decorative: text naming some of the tokens changes the picks
+        other = selector.select(visual, visual[[130, 131, 140]], attention, 20)
+        assert not torch.equal(other.indices, full.indices), name

@@ -39,6 +39,11 @@ def selector_instance(name: str) -> TokenSelector:
     return get_selector(name)
 
 
+def needs_attention(plans: Sequence[ImagePlan]) -> bool:
+    """Whether any plan's selector reads the tower's attention: if none does, the probe is not run."""
+    return any(plan.budget and selector_instance(plan.selector).uses_attention for plan in plans)
+
+
 def decode_plans(packed: object, num_items: int) -> list[ImagePlan] | None:
     """Plans from the :data:`~textscythe_vllm.processing.PLAN_FIELD` batch (a stacked tensor or a list)."""
     if packed is None:
@@ -215,7 +220,10 @@ def prune_items_with_positions(
                                    None if layouts is None else layouts[index])
             pruned.append((item, None))
             continue
-        ids = torch.tensor(plan.instruction, dtype=torch.long, device=item.device)
+        # a selector that does not read the instruction gets none (no embedding lookup); explanations still show
+        # the words the processor recorded
+        ids = torch.tensor(plan.instruction if selector_instance(plan.selector).uses_text else (),
+                           dtype=torch.long, device=item.device)
         text = embed_tokens(ids) if ids.numel() else item.new_zeros((0, item.shape[1]))
         pruned.append(choose_rows_and_positions(
             item, attention[index], text, plan, None if candidates is None else candidates[index], share,

@@ -21,7 +21,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from textscythe_vllm import metrics
 from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
-from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, prune_items
+from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, needs_attention, prune_items
 
 
 class TextScytheLlavaMultiModalProcessor(PruningProcessorMixin, LlavaMultiModalProcessor):
@@ -51,7 +51,7 @@ class TextScytheLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         plans = decode_plans(packed, num_items)
         if plans is None or ("pixel_values" not in kwargs and "image_embeds" not in kwargs):
             return super().embed_multimodal(**kwargs)
-        if self.cls_attention is None or "pixel_values" not in kwargs:
+        if self.cls_attention is None or "pixel_values" not in kwargs or not needs_attention(plans):
             features, attention, seconds = super().embed_multimodal(**kwargs), [None] * num_items, 0.0
         else:
             with self.cls_attention.capture() as captured:

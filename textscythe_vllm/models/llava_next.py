@@ -24,7 +24,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from textscythe_vllm import metrics
 from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
-from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, prune_items
+from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, needs_attention, prune_items
 
 
 def anyres_layout(config: Any, image_size: Tensor, num_views: int) -> Tensor:
@@ -64,7 +64,7 @@ class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             return super().embed_multimodal(**kwargs)
         views_per_item = [view.shape[0] for view in pixel_values]  # type: ignore[attr-defined]
         seconds = 0.0
-        if self.cls_attention is None:
+        if self.cls_attention is None or not needs_attention(plans):
             features = super().embed_multimodal(**kwargs)
             stacked_attention = None
         else:

@@ -37,7 +37,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from textscythe_vllm import LOGGER_NAME, metrics
 from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
-from textscythe_vllm.pruning import ModalityPruningMixin, prune_items, tower_attention_probe
+from textscythe_vllm.pruning import ModalityPruningMixin, needs_attention, prune_items, tower_attention_probe
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -123,7 +123,7 @@ class TextScytheLlavaOnevisionForConditionalGeneration(ModalityPruningMixin, Lla
         if modality_input["type"] == "image_embeds":  # precomputed rows: no layout, no attention
             features = list(process(modality_input))
             return prune_items(features, [None] * len(features), plans, self.get_language_model().embed_input_ids)
-        probe = self.tower_attention
+        probe = self.tower_attention if needs_attention(plans) else None
         if probe is None:
             features, captured, seconds = list(process(modality_input)), [], 0.0
         else:

@@ -60,7 +60,12 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from textscythe_vllm import LOGGER_NAME, metrics
 from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
-from textscythe_vllm.pruning import ModalityPruningMixin, mean_received_attention, prune_items_with_positions
+from textscythe_vllm.pruning import (
+    ModalityPruningMixin,
+    mean_received_attention,
+    needs_attention,
+    prune_items_with_positions,
+)
 from textscythe_vllm.request import BUDGET_FIELD, PruningRequest, PruningRequestError
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -286,7 +291,8 @@ class TextScytheQwen2_5_VLForConditionalGeneration(ModalityPruningMixin, Qwen2_5
         if plans is None:
             return list(process(modality_input))
         grid_thw = [[int(v) for v in row] for row in modality_input[f"{modality}_grid_thw"].tolist()]
-        probe = self.attention_probe if modality_input["type"].startswith("pixel_values") else None
+        probe = (self.attention_probe if modality_input["type"].startswith("pixel_values") and needs_attention(plans)
+                 else None)
         attention: list[Tensor | None] = [None] * len(grid_thw)
         seconds = 0.0
         if probe is None:
