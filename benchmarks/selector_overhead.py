@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: a 2-layer, 64-wide tower, N=576, K=64, D=256, 2 repeats")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the tower, the projector and the selectors run (default cpu)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
@@ -144,9 +146,17 @@ def cls_attention(query: torch.Tensor, key: torch.Tensor, num_heads: int, scale:
     return attention[:, 1:].reshape(-1)  # the features drop [CLS]; views in order
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, *args):
+    """``(result, ms)``; on CUDA the time runs from a synchronised start to the finished kernels."""
+    _synchronize()
     started = time.perf_counter()
     result = fn(*args)
+    _synchronize()
     return result, (time.perf_counter() - started) * 1e3
 
 
@@ -196,20 +206,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    tower = build_tower(args.quick, args.full_tower)
+    device = torch.device(args.device)
+    tower = build_tower(args.quick, args.full_tower).to(device)
     config = tower.config
     feature_attention = encoder_of(tower).layers[-1].self_attn
     capture = QKCapture(feature_attention)
     projector = torch.nn.Sequential(torch.nn.Linear(config.hidden_size, args.dim), torch.nn.GELU(),
-                                    torch.nn.Linear(args.dim, args.dim)).eval()
+                                    torch.nn.Linear(args.dim, args.dim)).eval().to(device)
     selectors = {name: get_selector(name) for name in args.selectors}
 
     results, encoder_rows, profiles = [], [], {}
     with torch.inference_mode():
         for num_visual in args.sizes:
             views = num_visual // PATCHES_PER_VIEW
-            pixels = torch.randn(views, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
-            text = torch.randn(args.text_tokens, args.dim, generator=gen)
+            pixels = torch.randn(views, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(device)
+            text = torch.randn(args.text_tokens, args.dim, generator=gen).to(device)
             capture.enabled = True
             hidden = tower(pixel_values=pixels).last_hidden_state  # [views, 577, C]
             capture.enabled = False
@@ -277,7 +288,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "environment": {
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "device": args.device,
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
         },
         "encoder": encoder_rows,
         "results": results,
