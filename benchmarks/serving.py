@@ -56,7 +56,6 @@ import math
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -373,22 +372,17 @@ async def stream_request(client, url: str, body: dict[str, Any], spec: Spec) -> 
     return outcome
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 async def scrape(client, base_url: str) -> dict[tuple[str, frozenset], float]:
-    """``/metrics`` as {(sample name, labels): value}."""
+    """``/metrics`` as {(sample name, labels): value}, parsed by ``prometheus_client.parser`` (histogram
+    buckets left out: only sums and counts are needed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = (await client.get(f"{base_url}/metrics")).text
-    samples: dict[tuple[str, frozenset], float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match and not line.startswith("#"):
-            labels = frozenset((k, v) for k, v in _LABEL.findall(match.group(2) or "") if k != "le")
-            if match.group(2) and "le=" in match.group(2):
-                continue  # buckets are not needed
-            samples[(match.group(1), labels)] = float(match.group(3))
-    return samples
+    return {(sample.name, frozenset(sample.labels.items())): float(sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if "le" not in sample.labels}
 
 
 def metric(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:

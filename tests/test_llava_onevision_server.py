@@ -15,6 +15,7 @@ import torch
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.testing import tiny_onevision
 from textscythe_vllm.testing.images import data_url, scene
+from textscythe_vllm.testing.load import metric_sum
 from textscythe_vllm.testing.server import (
     VLLMServer,
     assert_image_drives_outputs,
@@ -211,16 +212,10 @@ def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_
 def _token_counters(server) -> tuple[float, float]:
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    totals = {"textscythe_visual_tokens_before": 0.0, "textscythe_visual_tokens_after": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.removesuffix("_total") in totals:
-                totals[sample.name.removesuffix("_total")] += sample.value
-    return totals["textscythe_visual_tokens_before"], totals["textscythe_visual_tokens_after"]
+    return (metric_sum(text, "textscythe_visual_tokens_before_total"),
+            metric_sum(text, "textscythe_visual_tokens_after_total"))
 
 
 def test_metrics_count_image_and_video_tokens_before_and_after(client, server, hf_processor):

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from textscythe_vllm.testing.images import data_url, scene
+from textscythe_vllm.testing.load import metric_sum
 from textscythe_vllm.testing.server import VLLMServer
 
 pytestmark = pytest.mark.server
@@ -213,13 +214,6 @@ def stock_server_with_middleware(tiny_llava_dir, tmp_path_factory):
         yield running
 
 
-def _counter(metrics_text: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(sample.value for family in text_string_to_metric_families(metrics_text)
-               for sample in family.samples if sample.name == name)
-
-
 def test_unsupported_model_refuses_budgets_and_caches_like_stock(stock_server_with_middleware):
     server = stock_server_with_middleware
     with httpx.Client(base_url=server.base_url, timeout=180) as http:
@@ -239,7 +233,7 @@ def test_unsupported_model_refuses_budgets_and_caches_like_stock(stock_server_wi
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached == (first["usage"]["prompt_tokens"] - 1) // 32 * 32 >= 576
     # ... and the multimodal processor cache
-    assert _counter(after, "vllm:mm_cache_hits_total") - _counter(before, "vllm:mm_cache_hits_total") == 1
+    assert metric_sum(after, "vllm:mm_cache_hits_total") - metric_sum(before, "vllm:mm_cache_hits_total") == 1
 
 
 # --- offline -------------------------------------------------------------------------------------------------------

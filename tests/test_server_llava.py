@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from textscythe_vllm.testing.images import image_part, scene, user_message
+from textscythe_vllm.testing.load import metric_sum
 from textscythe_vllm.testing.server import VLLMServer
 
 pytestmark = pytest.mark.server
@@ -155,13 +156,13 @@ def test_responses_endpoint_with_budget(client, server):
     assert response.id.startswith("resp_")  # vLLM's own id, not one the middleware made up
 
 
-def _ttft_count(server, bucket: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
+def _metrics(server) -> str:
     with urllib.request.urlopen(f"{server.base_url}/metrics") as response:
-        text = response.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "textscythe_request_ttft_seconds_count" and sample.labels.get("budget_bucket") == bucket)
+        return response.read().decode()
+
+
+def _ttft_count(server, bucket: str) -> float:
+    return metric_sum(_metrics(server), "textscythe_request_ttft_seconds_count", budget_bucket=bucket)
 
 
 def _wait_for(condition, timeout: float = 20.0) -> None:
@@ -206,12 +207,7 @@ def test_prefix_cache_keys_cover_budget_and_question(client, server):
 
 def _selections(server) -> float:
     """How many selections the worker has run (``textscythe_selector_latency_seconds_count``, all selectors)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"{server.base_url}/metrics") as response:
-        text = response.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "textscythe_selector_latency_seconds_count")
+    return metric_sum(_metrics(server), "textscythe_selector_latency_seconds_count")
 
 
 def test_encoder_cache_serves_an_earlier_turns_image(client, server):

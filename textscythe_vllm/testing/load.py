@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import statistics
 import time
 from collections.abc import Iterable, Sequence
@@ -223,18 +222,15 @@ def sample_rss(pgid: int, label: str) -> RssSample:
 
 
 # --- Prometheus text ----------------------------------------------------------------------------------------
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
 def metric_values(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """``(labels, value)`` of every sample of metric ``name`` in a Prometheus text exposition."""
-    samples = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match and match.group(1) == name:
-            samples.append((dict(_LABEL.findall(match.group(2) or "")), float(match.group(3))))
-    return samples
+    """``(labels, value)`` of every sample named ``name`` in a Prometheus text exposition (parsed by
+    ``prometheus_client.parser``; counters' samples carry their ``_total`` suffix)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(dict(sample.labels), float(sample.value)) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
