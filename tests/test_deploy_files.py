@@ -803,8 +803,8 @@ def test_dockerfile_builds_on_the_pinned_vllm_image():
     instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
     from_lines = [line for line in instructions if line.startswith("FROM ")]
     assert from_lines == ["FROM vllm/vllm-openai:v0.33.0"]
-    # The image's vLLM is the newest series the plugin supports (textscythe_vllm/_compat.py, pyproject.toml).
-    from textscythe_vllm._compat import SUPPORTED_VLLM_SERIES, VLLM_REQUIREMENT
+    # The image's vLLM is the newest series the plugin supports (textscythe_vllm/_vllm.py, pyproject.toml).
+    from textscythe_vllm._vllm import SUPPORTED_VLLM_SERIES, VLLM_REQUIREMENT
 
     assert from_lines[0].split(":v")[1].startswith(SUPPORTED_VLLM_SERIES[-1] + ".")
     assert f'"{VLLM_REQUIREMENT}",' in (ROOT / "pyproject.toml").read_text()

@@ -214,7 +214,7 @@ def test_anyres_layout_matches_vllm_merge(tiny_llava_next_dir):
 
 
 def test_untested_vllm_version_is_refused_with_one_clear_message():
-    from textscythe_vllm._compat import UnsupportedVLLMVersion, check_vllm_version
+    from textscythe_vllm._vllm import UnsupportedVLLMVersion, check_vllm_version
 
     for admitted in ("0.32.0", "0.32.3+cpu", "0.33.0", "0.33.1", "0.33.0+cu130"):
         check_vllm_version(admitted)

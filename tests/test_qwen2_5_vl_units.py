@@ -258,12 +258,9 @@ def test_processor_gives_each_item_min_budget_placeholders_and_a_plan(processor)
         assert {plan.budget for plan in plans.values()} == {budget}
         assert {plan.selector for plan in plans.values()} == {"cls_attention"}
         words = tokenizer.convert_ids_to_tokens
-        # instruction: the conversation up to the item's own turn end, minus special and pad tokens
-        assert words(list(plans["video"].instruction)) == ["user", "what", "is", "the", "dog", "doing", "?"]
-        assert words(list(plans["image"].instruction)) == [
-            "user", "what", "is", "the", "dog", "doing", "?", "assistant", "it", "is", "running", "user", "and",
-            "the", "car", "?",
-        ]
+        # instruction: the words of the user message holding the item (no role words, no earlier turns)
+        assert words(list(plans["video"].instruction)) == ["what", "is", "the", "dog", "doing", "?"]
+        assert words(list(plans["image"].instruction)) == ["and", "the", "car", "?"]
 
 
 def test_metrics_count_unpruned_tokens_per_item(processor):

@@ -148,9 +148,7 @@ def _shard_qkv(qkv: torch.Tensor, rank: int, tp_size: int, heads: int, head_dim:
 
 @pytest.mark.parametrize("probe_name", ["ClsAttentionProbe", "MeanAttentionProbe"])  # CLIP [CLS]; SigLIP mean
 def test_tower_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.MonkeyPatch, probe_name) -> None:
-    import vllm.distributed
-
-    from textscythe_vllm import pruning
+    from textscythe_vllm import _vllm, pruning
 
     probe_class = getattr(pruning, probe_name)
 
@@ -160,7 +158,7 @@ def test_tower_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.
     def unexpected(tensor: torch.Tensor) -> torch.Tensor:
         raise AssertionError("a single rank must not all-reduce")
 
-    monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce", unexpected)
+    monkeypatch.setattr(_vllm, "tensor_model_parallel_all_reduce", unexpected)
     single = probe_class(_FakeClipAttention(heads, heads, head_dim, tp_size=1)).scores(qkv)
     assert single.shape == (batch, seq_len)
     torch.testing.assert_close(single.sum(dim=1), torch.ones(batch))  # a mean of softmax rows
@@ -170,7 +168,7 @@ def test_tower_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.
     shards = [_shard_qkv(qkv, rank, tp_size, heads, head_dim) for rank in range(tp_size)]
     # 1) what each rank contributes: its own heads' sum (capture the all-reduce input, pass it through)
     partial: list[torch.Tensor] = []
-    monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce",
+    monkeypatch.setattr(_vllm, "tensor_model_parallel_all_reduce",
                         lambda tensor: partial.append(tensor.clone()) or tensor)
     for probe, shard in zip(probes, shards, strict=True):
         probe.scores(shard)
@@ -184,7 +182,7 @@ def test_tower_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.
         calls.append(1)
         return torch.stack(partial).sum(dim=0)
 
-    monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce", all_reduce)
+    monkeypatch.setattr(_vllm, "tensor_model_parallel_all_reduce", all_reduce)
     results = [probe.scores(shard) for probe, shard in zip(probes, shards, strict=True)]
     assert len(calls) == tp_size
     assert torch.equal(results[0], results[1])  # the same scores on every rank

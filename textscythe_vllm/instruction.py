@@ -181,13 +181,13 @@ class TokenizerFacts:
     """Per-tokenizer facts the instruction rule needs, computed once per processor (thread-safe)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._guard = threading.Lock()
         self._facts: tuple[frozenset[int], TemplateMarkers] | None = None
 
     def get(self, tokenizer: Any, placeholder_ids: Sequence[int]) -> tuple[frozenset[int], TemplateMarkers]:
         """``(excluded ids, template markers)``: special tokens, placeholders and whitespace-only tokens are never
         part of an instruction."""
-        with self._lock:
+        with self._guard:
             if self._facts is None:
                 blank = blank_token_ids(tokenizer)
                 excluded = frozenset(int(i) for i in tokenizer.all_special_ids) | frozenset(placeholder_ids) | blank

@@ -137,7 +137,7 @@ class _RequestBuckets:
     """
 
     def __init__(self, capacity: int = 65536) -> None:
-        self._lock = threading.Lock()
+        self._guard = threading.Lock()
         self._tickets: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._buckets: OrderedDict[str, str] = OrderedDict()
         self._capacity = capacity
@@ -145,7 +145,7 @@ class _RequestBuckets:
     def announce(self, request_ids: Sequence[str]) -> str:
         """Middleware: remember the ids vLLM may report this request under; returns the ticket."""
         ticket = secrets.token_hex(16)
-        with self._lock:
+        with self._guard:
             self._tickets[ticket] = tuple(request_ids)
             _trim(self._tickets, self._capacity)
         return ticket
@@ -155,12 +155,12 @@ class _RequestBuckets:
         did not issue."""
         if not isinstance(ticket, str):
             return ()
-        with self._lock:
+        with self._guard:
             return self._tickets.pop(ticket, ())
 
     def file(self, request_ids: tuple[str, ...], bucket: str) -> None:
         """Processor: file ``bucket`` under the request's ids."""
-        with self._lock:
+        with self._guard:
             for request_id in request_ids:
                 self._buckets[request_id] = bucket
             _trim(self._buckets, self._capacity)
@@ -175,7 +175,7 @@ class _RequestBuckets:
         """Bucket of a finished request, given vLLM's external id: ``chatcmpl-<id>``, ``cmpl-<id>``, and a
         ``_<n>`` suffix for the sub-requests of ``/v1/responses`` and ``/v1/chat/completions/batch``."""
         base = _SUB_REQUEST.sub("", request_id)
-        with self._lock:
+        with self._guard:
             for candidate in dict.fromkeys((request_id, base)):
                 for prefix in ("", "chatcmpl-", "cmpl-"):
                     if candidate.startswith(prefix):

@@ -247,7 +247,7 @@ class _ServerFacts:
 
     @classmethod
     def of(cls, app: Any) -> _ServerFacts:
-        from textscythe_vllm._compat import api_key_tokens, served_model
+        from textscythe_vllm._vllm import api_key_tokens, served_model
         from textscythe_vllm.plugin import MODEL_CLASSES, plugin_registered
 
         if app is None:  # outside a Starlette app (unit tests of the rewrite): nothing to learn

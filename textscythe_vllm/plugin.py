@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from textscythe_vllm import LOGGER_NAME
-from textscythe_vllm._compat import UnsupportedVLLMVersion, check_vllm_version
+from textscythe_vllm._vllm import UnsupportedVLLMVersion, check_vllm_version
 
 logger = logging.getLogger(LOGGER_NAME)
 

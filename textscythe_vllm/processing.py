@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from textscythe_vllm import LOGGER_NAME, explain, metrics
+from textscythe_vllm import LOGGER_NAME, _vllm, explain, metrics
 from textscythe_vllm.instruction import TokenizerFacts, instruction_token_ids
 from textscythe_vllm.request import CLIENT_KEYS, PruningRequest
 from textscythe_vllm.selectors import available_selectors
@@ -174,10 +174,8 @@ def prune_prompt_update(update: Any, budget: int) -> Any:
 
 @cache
 def _plugin_context_class() -> type:
-    from vllm.multimodal.processing import InputProcessingContext
-
     @dataclass(frozen=True)
-    class PluginProcessingContext(InputProcessingContext):
+    class PluginProcessingContext(_vllm.InputProcessingContext):
         """vLLM merges the server's ``--mm-processor-kwargs`` into every HF-processor call and constructor
         through this method; the plugin's keys must reach neither (HF warns about unknown keys, and the
         constructor cache is keyed on them)."""
@@ -197,7 +195,7 @@ def with_plugin_context(info_factory: Callable[[Any], Any]) -> Callable[[Any], A
     return build_info
 
 
-class PruningProcessorMixin:
+class PruningProcessorMixin(_vllm.ProcessorHooks):
     """Put in front of a vLLM ``BaseMultiModalProcessor`` subclass (see module docstring).
 
     ``pruned_modalities`` are the modalities whose items are pruned; ``placeholder_token_ids(modality)`` returns
@@ -301,37 +299,33 @@ class PruningProcessorMixin:
 
     def _unpruned_token_count(self, items: Any, index: int, modality: str = "image") -> int:
         """Visual tokens the stock processor gives item ``index`` of ``modality``."""
-        from vllm.multimodal.parse import ImageEmbeddingItems
-
-        if isinstance(items, ImageEmbeddingItems):
+        if isinstance(items, _vllm.ImageEmbeddingItems):
             return items.get_feature_size(index)
         size = items.get_image_size(index)
         return self.info.get_num_image_tokens(  # type: ignore[attr-defined]
             image_width=size.width, image_height=size.height
         )
 
-    def _get_mm_hashes(self, inputs: Any) -> Any:
-        plans = inputs.hf_processor_mm_kwargs.get(PLAN_KEY)
-        stripped = replace(inputs, hf_processor_mm_kwargs=strip_private_kwargs(inputs.hf_processor_mm_kwargs))
-        hashes = super()._get_mm_hashes(stripped)  # type: ignore[misc]
-        if plans:
-            from vllm.multimodal.hasher import MultiModalHasher
+    # -- hooks called by _vllm.ProcessorHooks (vLLM's private processor steps) -----------------------------------
+    def hf_kwargs(self, kwargs: Mapping[str, object]) -> dict[str, object]:
+        """What vLLM's own processing steps and the HF processor see: the kwargs without the plugin's keys."""
+        return strip_private_kwargs(kwargs)
 
+    def item_hashes(self, inputs: Any, stock: Callable[[Any], Any]) -> Any:
+        """Each item's multimodal hash: stock vLLM's, mixed with the item's plan when it is pruned."""
+        plans = inputs.hf_processor_mm_kwargs.get(PLAN_KEY)
+        hashes = stock(replace(inputs, hf_processor_mm_kwargs=strip_private_kwargs(inputs.hf_processor_mm_kwargs)))
+        if plans:
             algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm  # type: ignore[attr-defined]
             for modality, modality_plans in plans.items():
                 hashes[modality] = [
-                    MultiModalHasher.hash_kwargs(algorithm, item=item_hash, textscythe=plan.cache_key())
+                    _vllm.MultiModalHasher.hash_kwargs(algorithm, item=item_hash, textscythe=plan.cache_key())
                     for item_hash, plan in zip(hashes[modality], modality_plans, strict=True)
                 ]
         return hashes
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
-        return super()._call_hf_processor(hf_data, strip_private_kwargs(hf_kwargs))  # type: ignore[misc]
-
-    def _postprocess_hf_mm_data(self, mm_inputs: Any, hf_processor_mm_kwargs: Any, processed_data: Any) -> Any:
-        processed_data = super()._postprocess_hf_mm_data(  # type: ignore[misc]
-            mm_inputs, strip_private_kwargs(hf_processor_mm_kwargs), processed_data
-        )
+    def add_plan_fields(self, processed_data: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
+        """The processed items plus each item's encoded plan (the per-item plan field of its modality)."""
         for modality in self.pruned_modalities:
             num_items = self._num_processed_items(processed_data, modality)
             plans = _plans_for_items(hf_processor_mm_kwargs, num_items, modality)
@@ -346,20 +340,15 @@ class PruningProcessorMixin:
                 return len(value)  # type: ignore[arg-type]
         return 0
 
-    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
-        from vllm.multimodal.inputs import MultiModalFieldConfig
-
-        fields = dict(super()._get_mm_fields_config(  # type: ignore[misc]
-            hf_inputs, strip_private_kwargs(hf_processor_mm_kwargs)
-        ))
+    def add_plan_field_configs(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The model inputs' field configs plus the plan fields (batched per item, kept on the CPU)."""
+        fields = dict(fields)
         for modality in self.pruned_modalities:
-            fields[plan_field(modality)] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
+            fields[plan_field(modality)] = _vllm.MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return fields
 
-    def _get_mm_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
-        updates = super()._get_mm_prompt_updates(  # type: ignore[misc]
-            mm_items, strip_private_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
-        )
+    def pruned_prompt_updates(self, updates: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
+        """Each pruned item's placeholder run cut to ``min(budget, N)`` embedding positions."""
         if PLAN_KEY not in hf_processor_mm_kwargs:
             return updates
         updates = dict(updates)
@@ -373,10 +362,10 @@ class PruningProcessorMixin:
             ]
         return updates
 
-    def _get_cache_missing_processor_kwargs(self, inputs: Any, mm_is_cached: Mapping[str, list[bool]]) -> Any:
-        # On a processor-cache hit only the missing items are processed: hand on just their plans, so plans and
-        # processed items line up by position.
-        kwargs = dict(super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached))  # type: ignore[misc]
+    def kwargs_for_missing_items(self, kwargs: Mapping[str, object], mm_is_cached: Mapping[str, list[bool]]) -> Any:
+        """On a processor-cache hit only the missing items are processed: hand on just their plans, so plans and
+        processed items line up by position."""
+        kwargs = dict(kwargs)
         plans = kwargs.get(PLAN_KEY)
         if plans is not None:
             kwargs[PLAN_KEY] = {

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from textscythe_vllm import LOGGER_NAME, explain, metrics
+from textscythe_vllm import LOGGER_NAME, _vllm, explain, metrics
 from textscythe_vllm.processing import ImagePlan, plan_field
 from textscythe_vllm.selectors import TokenSelector, get_selector
 from textscythe_vllm.selectors.textscythe import entropy_ratio
@@ -235,10 +235,10 @@ def prune_items_with_positions(
 class ModalityPruningMixin:
     """``embed_multimodal`` for a model that prunes several modalities (put in front of vLLM's model class).
 
-    Pops each modality's plan field, parses the inputs with the model's own
-    ``_parse_and_validate_multimodal_inputs`` (whose order -- the kwargs order -- is the order vLLM expects the
-    items in), and hands each modality with plans to ``_embed_items``; a batch without any budget takes the parent
-    class's path unchanged. Subclasses define ``_num_items`` and ``_embed_items``.
+    Pops each modality's plan field, parses the inputs with the model's own parsing
+    (:func:`textscythe_vllm._vllm.parse_multimodal_inputs`, whose order -- the kwargs order -- is the order vLLM
+    expects the items in), and hands each modality with plans to ``_embed_items``; a batch without any budget takes
+    the parent class's path unchanged. Subclasses define ``_num_items`` and ``_embed_items``.
     """
 
     pruned_modalities: tuple[str, ...] = ("image",)
@@ -256,7 +256,7 @@ class ModalityPruningMixin:
         packed = {modality: kwargs.pop(plan_field(modality), None) for modality in self.pruned_modalities}
         if not self._pruning_enabled():
             return super().embed_multimodal(**kwargs)  # type: ignore[misc]
-        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)  # type: ignore[attr-defined]
+        inputs = _vllm.parse_multimodal_inputs(self, **kwargs)
         plans = {
             modality: decode_plans(packed.get(modality), self._num_items(modality, modality_input))
             for modality, modality_input in inputs.items()
@@ -274,6 +274,12 @@ class ModalityPruningMixin:
 #: Elements of one ``[heads, queries, keys]`` score block when attention is averaged over all queries (fp32:
 #: 64 MiB): the full ``S x S`` matrix is never held.
 PROBE_BLOCK_ELEMENTS = 1 << 24
+
+
+def sum_over_ranks(head_sums: Tensor, tp_size: int) -> Tensor:
+    """Per-rank sums over the rank's attention heads -> the sum over all heads, the same on every rank (tensor
+    parallelism splits the heads; every probe divides by the total head count afterwards)."""
+    return _vllm.tensor_model_parallel_all_reduce(head_sums) if tp_size > 1 else head_sums
 
 
 def mean_received_attention(
@@ -314,9 +320,7 @@ class ClsAttentionProbe:
 
     @classmethod
     def for_clip_tower(cls, vision_tower: torch.nn.Module) -> ClsAttentionProbe | None:
-        from vllm.model_executor.models.clip import CLIPVisionModel
-
-        if not isinstance(vision_tower, CLIPVisionModel):
+        if not isinstance(vision_tower, _vllm.CLIPVisionModel):
             return None
         return cls(vision_tower.vision_model.encoder.layers[-1].self_attn)
 
@@ -337,11 +341,7 @@ class ClsAttentionProbe:
         keys = key.reshape(batch, seq_len, heads, head_dim)  # [B, S, h, d]
         scores = torch.einsum("bhd,bshd->bhs", cls_query, keys) * attention.scale
         summed = torch.softmax(scores, dim=-1).sum(dim=1)  # [B, S], summed over this rank's heads
-        if attention.tp_size > 1:
-            from vllm.distributed import tensor_model_parallel_all_reduce
-
-            summed = tensor_model_parallel_all_reduce(summed)
-        return summed / attention.num_heads
+        return sum_over_ranks(summed, attention.tp_size) / attention.num_heads
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[Tensor]]:
@@ -362,9 +362,7 @@ class MeanAttentionProbe(ClsAttentionProbe):
 
     @classmethod
     def for_siglip_tower(cls, vision_tower: torch.nn.Module) -> MeanAttentionProbe | None:
-        from vllm.model_executor.models.siglip import SiglipVisionModel
-
-        if not isinstance(vision_tower, SiglipVisionModel):
+        if not isinstance(vision_tower, _vllm.SiglipVisionModel):
             return None
         return cls(vision_tower.vision_model.encoder.layers[-1].self_attn)
 
@@ -380,11 +378,7 @@ class MeanAttentionProbe(ClsAttentionProbe):
             )
             for view in range(batch)
         ])  # [B, S], summed over this rank's heads
-        if attention.tp_size > 1:
-            from vllm.distributed import tensor_model_parallel_all_reduce
-
-            summed = tensor_model_parallel_all_reduce(summed)
-        return summed / attention.num_heads
+        return sum_over_ranks(summed, attention.tp_size) / attention.num_heads
 
 
 def tower_attention_probe(vision_tower: torch.nn.Module) -> ClsAttentionProbe | None:

@@ -92,7 +92,7 @@ class RouteTable:
     """The app's guarded routes, classified once (on the first request, when every router is attached)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._guard = threading.Lock()
         self._table: list[tuple[Any, RoutePolicy | None]] | None = None
 
     def policy_for(self, scope: dict[str, Any]) -> RoutePolicy | None:
@@ -110,7 +110,7 @@ class RouteTable:
         return None
 
     def _classified(self, routes: list[Any]) -> list[tuple[Any, RoutePolicy | None]]:
-        with self._lock:
+        with self._guard:
             if self._table is None:
                 get_paths = frozenset(
                     getattr(route, "path", "") for route in routes if "GET" in (getattr(route, "methods", None) or ())

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.v1.metrics.loggers import StatLoggerBase
-
 from textscythe_vllm import metrics
+from textscythe_vllm._vllm import StatLoggerBase
 
 
 class TextScytheStatLogger(StatLoggerBase):

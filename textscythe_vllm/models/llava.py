@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.model_executor.models.llava import (
+from textscythe_vllm import metrics
+from textscythe_vllm._vllm import (
+    MULTIMODAL_REGISTRY,
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
-    _build_llava_or_pixtral_hf_info,
-    _build_llava_or_pixtral_hf_processor,
+    build_llava_or_pixtral_info,
+    build_llava_or_pixtral_processor,
 )
-from vllm.multimodal import MULTIMODAL_REGISTRY
-
-from textscythe_vllm import metrics
 from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
 from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, needs_attention, prune_items
 
@@ -31,12 +30,12 @@ class TextScytheLlavaMultiModalProcessor(PruningProcessorMixin, LlavaMultiModalP
 def _build_processor(info: Any, dummy_inputs: Any) -> Any:
     if isinstance(info, LlavaProcessingInfo):
         return TextScytheLlavaMultiModalProcessor(info, dummy_inputs)
-    return _build_llava_or_pixtral_hf_processor(info, dummy_inputs)
+    return build_llava_or_pixtral_processor(info, dummy_inputs)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     _build_processor,
-    info=with_plugin_context(_build_llava_or_pixtral_hf_info),
+    info=with_plugin_context(build_llava_or_pixtral_info),
     dummy_inputs=LlavaDummyInputsBuilder,
 )
 class TextScytheLlavaForConditionalGeneration(LlavaForConditionalGeneration):

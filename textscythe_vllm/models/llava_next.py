@@ -14,15 +14,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
-from vllm.model_executor.models.llava_next import (
+
+from textscythe_vllm import metrics
+from textscythe_vllm._vllm import (
+    MULTIMODAL_REGISTRY,
+    LlavaDummyInputsBuilder,
     LlavaNextForConditionalGeneration,
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
+    merge_image_patches,
 )
-from vllm.multimodal import MULTIMODAL_REGISTRY
-
-from textscythe_vllm import metrics
 from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
 from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, needs_attention, prune_items
 
@@ -34,9 +35,7 @@ def anyres_layout(config: Any, image_size: Tensor, num_views: int) -> Tensor:
     side = config.vision_config.image_size // config.vision_config.patch_size
     rows = torch.arange(num_views * side * side, dtype=torch.float64).reshape(num_views, side * side, 1)
     index_model = SimpleNamespace(config=config, image_newline=torch.tensor([-1.0], dtype=torch.float64))
-    merged = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(
-        index_model, image_size, rows, strategy="spatial_unpad"  # type: ignore[arg-type]
-    )
+    merged = merge_image_patches(LlavaNextForConditionalGeneration, index_model, image_size, rows, "spatial_unpad")
     return merged[:, 0].round().long()
 
 

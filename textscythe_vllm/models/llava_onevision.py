@@ -27,15 +27,19 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from vllm.model_executor.models.llava_onevision import (
+
+from textscythe_vllm import LOGGER_NAME, metrics
+from textscythe_vllm._vllm import (
+    MULTIMODAL_REGISTRY,
+    EmbeddingItems,
     LlavaOnevisionDummyInputsBuilder,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionMultiModalProcessor,
     LlavaOnevisionProcessingInfo,
+    image_features,
+    merge_image_patches,
+    video_features,
 )
-from vllm.multimodal import MULTIMODAL_REGISTRY
-
-from textscythe_vllm import LOGGER_NAME, metrics
 from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
 from textscythe_vllm.pruning import ModalityPruningMixin, needs_attention, prune_items, tower_attention_probe
 
@@ -56,9 +60,8 @@ def image_layout(model: Any, image_size: Tensor, view_attention: Tensor) -> tupl
     values = torch.stack([view_attention.float(), torch.ones_like(view_attention, dtype=torch.float32)], dim=-1)
     newline = values.new_zeros(2)
     index_model = SimpleNamespace(config=model.config, image_newline=newline)
-    merged = LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings(
-        index_model, image_size, values, image_newline=newline, strategy="spatial_unpad"  # type: ignore[arg-type]
-    )  # [M, 2]
+    merged = merge_image_patches(LlavaOnevisionForConditionalGeneration, index_model, image_size, values,
+                                 "spatial_unpad", image_newline=newline)  # [M, 2]
     return merged[:, 0], merged[:, 1] > 0.5
 
 
@@ -90,8 +93,6 @@ class TextScytheLlavaOnevisionMultiModalProcessor(PruningProcessorMixin, LlavaOn
     def _unpruned_token_count(self, items: Any, index: int, modality: str = "image") -> int:
         if modality == "image":
             return super()._unpruned_token_count(items, index, modality)
-        from vllm.multimodal.parse import EmbeddingItems
-
         if isinstance(items, EmbeddingItems):
             return items.get_feature_size(index)
         size = items.get_frame_size(index)
@@ -117,7 +118,9 @@ class TextScytheLlavaOnevisionForConditionalGeneration(ModalityPruningMixin, Lla
         return len(modality_input[_ITEMS_KEY[modality_input["type"]]])
 
     def _embed_items(self, modality: str, modality_input: Any, plans: Any) -> list[Tensor]:
-        process = self._process_image_input if modality == "image" else self._process_video_pixels
+        def process(modality_input: Any) -> Any:
+            return (image_features if modality == "image" else video_features)(self, modality_input)
+
         if plans is None:
             return list(process(modality_input))
         if modality_input["type"] == "image_embeds":  # precomputed rows: no layout, no attention

@@ -50,21 +50,25 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from vllm.model_executor.models.qwen2_5_vl import (
+
+from textscythe_vllm import LOGGER_NAME, metrics
+from textscythe_vllm._vllm import (
+    MULTIMODAL_REGISTRY,
+    EmbeddingItems,
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
+    image_features,
+    video_features,
 )
-from vllm.multimodal import MULTIMODAL_REGISTRY
-
-from textscythe_vllm import LOGGER_NAME, metrics
 from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
 from textscythe_vllm.pruning import (
     ModalityPruningMixin,
     mean_received_attention,
     needs_attention,
     prune_items_with_positions,
+    sum_over_ranks,
 )
 from textscythe_vllm.request import BUDGET_FIELD, PruningRequest, PruningRequestError
 
@@ -194,10 +198,7 @@ class VisionAttentionProbe:
                 query[start:start + length], key[start:start + length], self.scale
             )
             start += length
-        if self.tp_size > 1:
-            from vllm.distributed import tensor_model_parallel_all_reduce
-
-            received = tensor_model_parallel_all_reduce(received)
+        received = sum_over_ranks(received, self.tp_size)
         return received / (self.local_heads * self.tp_size)
 
     def item_attention(self, patches: Tensor, grid_thw: Sequence[Sequence[int]]) -> list[Tensor]:
@@ -236,8 +237,6 @@ class TextScytheQwen2_5_VLMultiModalProcessor(PruningProcessorMixin, Qwen2_5_VLM
         return 0 if grid is None else len(grid)
 
     def _unpruned_token_count(self, items: Any, index: int, modality: str = "image") -> int:
-        from vllm.multimodal.parse import EmbeddingItems
-
         if isinstance(items, EmbeddingItems):
             return items.get_feature_size(index)
         image_processor = self.info.get_image_processor()
@@ -287,7 +286,9 @@ class TextScytheQwen2_5_VLForConditionalGeneration(ModalityPruningMixin, Qwen2_5
         return int(modality_input[f"{modality}_grid_thw"].shape[0])
 
     def _embed_items(self, modality: str, modality_input: Any, plans: Any) -> list[Tensor]:
-        process = self._process_image_input if modality == "image" else self._process_video_input
+        def process(modality_input: Any) -> Any:
+            return (image_features if modality == "image" else video_features)(self, modality_input)
+
         if plans is None:
             return list(process(modality_input))
         grid_thw = [[int(v) for v in row] for row in modality_input[f"{modality}_grid_thw"].tolist()]

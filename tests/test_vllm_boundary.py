@@ -1,0 +1,64 @@
+"""One home for vLLM internals (``textscythe_vllm/_vllm.py``): no other module of the shipped package imports a
+vLLM module below the top-level package, or names a private (underscore) attribute of the vLLM modules the plugin
+extends. The private names are read off the installed vLLM's own source, so the check follows vLLM upgrades."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import vllm
+
+PACKAGE = Path(__file__).resolve().parents[1] / "textscythe_vllm"
+VLLM = Path(vllm.__file__).resolve().parent
+#: The vLLM modules whose classes the plugin subclasses or whose functions it calls.
+EXTENDED = [
+    "multimodal/processing", "multimodal/hasher.py", "multimodal/inputs.py", "multimodal/parse.py",
+    "multimodal/registry.py", "model_executor/models/llava.py", "model_executor/models/llava_next.py",
+    "model_executor/models/llava_onevision.py", "model_executor/models/qwen2_5_vl.py",
+    "model_executor/models/clip.py", "model_executor/models/siglip.py", "model_executor/models/interfaces.py",
+    "entrypoints/serve/middleware/authenticate.py", "v1/metrics/loggers.py",
+]
+PRIVATE = re.compile(r"(?:\bdef |\.|\bimport |, )(_[a-z][A-Za-z0-9_]*)")
+
+
+def shipped_modules() -> list[Path]:
+    """The package's modules users run (the test and demo scaffolding under testing/ is not part of the plugin)."""
+    return [path for path in PACKAGE.rglob("*.py")
+            if path.name != "_vllm.py" and "testing" not in path.relative_to(PACKAGE).parts]
+
+
+def vllm_private_names() -> set[str]:
+    names: set[str] = set()
+    for entry in EXTENDED:
+        path = VLLM / entry
+        for source in ([path] if path.is_file() else sorted(path.glob("*.py"))):
+            names |= set(re.findall(r"(?:\bdef |\bself\.|^)(_[a-z][A-Za-z0-9_]*)", source.read_text(), re.M))
+    return names
+
+
+def test_only_the_home_imports_vllm_internals():
+    offenders = []
+    for path in shipped_modules():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"\s*(from vllm\.|import vllm\.)", line):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert not offenders, offenders
+
+
+def test_only_the_home_names_vllm_private_attributes():
+    private = vllm_private_names()
+    assert {"_get_mm_hashes", "_parse_and_validate_multimodal_inputs"} <= private  # the check reads real names
+    offenders = []
+    for path in shipped_modules():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for name in PRIVATE.findall(line):
+                if name in private:
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{number}: {name}")
+    assert not offenders, offenders
+
+
+def test_the_check_can_fail(tmp_path):
+    sample = "    def _get_mm_hashes(self, inputs):\n        return self._parse_and_validate_multimodal_inputs()\n"
+    assert {"_get_mm_hashes", "_parse_and_validate_multimodal_inputs"} <= set(PRIVATE.findall(sample)) & \
+        vllm_private_names()
