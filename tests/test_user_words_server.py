@@ -164,3 +164,28 @@ def test_responses_route_explains_too(client, server):
     assert record.status_code == 200, record.text
     (item,) = record.json()["items"]
     assert key_words(item) == ["red"] and shares(item, "red")[0] >= 0.9
+
+
+@pytest.fixture(scope="module")
+def two_api_servers(colour_model_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("two-api-servers")
+    with VLLMServer(colour_model_dir, ["--dtype", "float32", "--seed", "0", "--api-server-count", "2"],
+                    log_path=logs / "vllm-two-api-servers.log") as running:
+        yield running
+
+
+def test_explanations_work_across_api_servers(two_api_servers):
+    """The request is processed by one API server, the explanation may be asked of the other: both read the one
+    directory the root process created (the worker writes there too)."""
+    server = two_api_servers
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=180)
+    for index in range(6):
+        colour, question = (("red", RED), ("blue", BLUE))[index % 2]
+        response = client.chat.completions.create(
+            model=server.model_name, messages=[turn(question)], max_tokens=1, temperature=0.0,
+            extra_body={"visual_token_budget": BUDGET, "visual_token_explain": True},
+        )
+        for _ in range(2):  # asked twice: the two answers may come from different API servers
+            record = httpx.get(f"{server.base_url}/v1/textscythe/explanations/{response.id}", timeout=30)
+            assert record.status_code == 200, record.text
+            assert key_words(record.json()["items"][0]) == [colour]
