@@ -14,7 +14,7 @@ import pytest
 
 from textscythe_vllm.testing.images import scene, user_message
 from textscythe_vllm.testing.prometheus import PrometheusServer
-from textscythe_vllm.testing.server import VLLMServer
+from textscythe_vllm.testing.server import VLLMServer, wait_until
 
 pytestmark = [
     pytest.mark.server,
@@ -56,15 +56,6 @@ def stack(tiny_llava_dir, tmp_path_factory):
         assert wait_until(lambda: (prometheus.value("count_over_time(up[10m])") or 0) >= scrapes + 2, 30)
         server.traffic_started = started
         yield server, prometheus
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def test_token_counters_match_the_requests(stack):

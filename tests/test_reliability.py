@@ -28,7 +28,7 @@ import pytest
 
 from textscythe_vllm.testing import load
 from textscythe_vllm.testing.images import scene, user_message
-from textscythe_vllm.testing.server import VLLMServer, cpu_test_env, vllm_executable
+from textscythe_vllm.testing.server import VLLMServer, cpu_test_env, vllm_executable, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -57,12 +57,7 @@ def test_server_starts_and_prunes_when_the_gate_sees_vllm_0_33(tiny_llava_dir, t
     """0.33.x is admitted (its plugin-facing modules are identical to 0.32's; no CPU wheel of it exists to run)."""
     with VLLMServer(tiny_llava_dir, ["--load-format", "dummy"], log_path=tmp_path / "vllm-0.33.log",
                     env={"TEXTSCYTHE_VLLM_VERSION_OVERRIDE": "0.33.0"}) as server:
-        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-        messages = [user_message("what colour is the car ?", scene(420))]
-        full = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=1)
-        pruned = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=1,
-                                                extra_body={"visual_token_budget": 16})
-        assert pruned.usage.prompt_tokens == full.usage.prompt_tokens - IMAGE_TOKENS + 16
+        assert_prunes_exactly(server, scene(420), 16)
     assert "visual token pruning enabled" in (tmp_path / "vllm-0.33.log").read_text()
 
 
@@ -93,6 +88,16 @@ def in_engine(server: VLLMServer) -> float:
     return load.metric_sum(text, "vllm:num_requests_running") + load.metric_sum(text, "vllm:num_requests_waiting")
 
 
+def assert_prunes_exactly(server: VLLMServer, image, budget: int) -> None:
+    """A request with ``budget`` has exactly ``576 - budget`` fewer prompt tokens than the same one without."""
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [user_message("what colour is the car ?", image)]
+    full = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=1)
+    pruned = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=1,
+                                            extra_body={"visual_token_budget": budget})
+    assert pruned.usage.prompt_tokens == full.usage.prompt_tokens - IMAGE_TOKENS + budget
+
+
 def kv_usage(server: VLLMServer) -> float:
     """The engine's KV-cache usage (fraction of blocks in use)."""
     return load.metric_sum(scrape(server), "vllm:kv_cache_usage_perc")
@@ -108,15 +113,6 @@ def settled(read, timeout: float = 20.0, interval: float = 0.25) -> float:
             return current
         previous = current
     return previous
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def post(server: VLLMServer, path: str) -> bytes:
@@ -264,12 +260,7 @@ class TestLoadAndDisconnects:
         assert wait_until(lambda: kv_usage(server) == kv_baseline, 20), (kv_baseline, kv_usage(server))
 
         # later requests are served normally, pruned to the exact count
-        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-        messages = [user_message("what colour is the car ?", scene(400))]
-        full = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=3)
-        pruned = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=3,
-                                                extra_body={"visual_token_budget": 64})
-        assert pruned.usage.prompt_tokens == full.usage.prompt_tokens - IMAGE_TOKENS + 64
+        assert_prunes_exactly(server, scene(400), 64)
         assert in_engine(server) == 0
         assert server.alive()
         assert load.process_group(server.process.pid) == server.initial_pids

@@ -178,3 +178,14 @@ def assert_image_drives_outputs(one: tuple[int, list[tuple[str, float]]], other:
         f"another image moved the log-probabilities by at most {largest:.2e}: the weights do not let the image "
         f"drive the logits, so a {logprob_tolerance} tolerance could hide a change to the features"
     )
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.25) -> bool:
+    """Poll ``predicate()`` until it holds or ``timeout`` seconds pass; returns its last value (tests wait for a
+    condition, never for a fixed time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
