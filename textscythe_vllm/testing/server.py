@@ -166,7 +166,7 @@ def assert_same_outputs(ours: tuple[int, list[tuple[str, float]]], theirs: tuple
 
 
 def assert_image_drives_outputs(one: tuple[int, list[tuple[str, float]]], other: tuple[int, list[tuple[str, float]]],
-                                logprob_tolerance: float = 1e-4, factor: float = 100.0) -> None:
+                                logprob_tolerance: float = 1e-4, factor: float = 10.0) -> None:
     """Two requests that differ only in their image give outputs that differ by far more than
     ``logprob_tolerance`` (a greedy token differs, or a log-probability by ``factor`` x the tolerance): the
     checkpoint's weights let the pixels drive the logits, so a comparison at that tolerance sees the features."""
