@@ -201,21 +201,32 @@ def test_anonymous_large_body_gets_401_fast_and_health_stays_responsive(server, 
 
 
 # --- a model the plugin does not prune --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def stock_server_with_middleware(tiny_llava_dir, tmp_path_factory):
-    """The documented launch, but the plugin is not loaded (``VLLM_PLUGINS=``): the model is stock vLLM's."""
+UNSUPPORTED = {
+    # the plugin is not loaded at all (VLLM_PLUGINS=): the model is stock vLLM's
+    "plugin not loaded": ({"VLLM_PLUGINS": ""}, [], "not loaded"),
+    # the plugin is loaded, but vLLM serves the checkpoint with its Transformers backend: an architecture the
+    # plugin does not prune
+    "unsupported architecture": ({}, ["--model-impl", "transformers"], "TransformersMultiModalForCausalLM"),
+}
+
+
+@pytest.fixture(scope="module", params=list(UNSUPPORTED))
+def unsupported_server(request, tiny_llava_dir, tmp_path_factory):
+    """The documented launch on a server whose model the plugin does not prune."""
+    env, extra, _ = UNSUPPORTED[request.param]
     logs = tmp_path_factory.mktemp("unsupported")
     with VLLMServer(
         tiny_llava_dir,
         ["--load-format", "dummy", "--seed", "0", "--enable-prefix-caching", "--enable-prompt-tokens-details",
-         "--block-size", "32"],
-        env={"VLLM_PLUGINS": ""}, log_path=logs / "vllm-unsupported.log",
+         "--block-size", "32", *extra],
+        env=env, log_path=logs / "vllm-unsupported.log", startup_timeout=420,
     ) as running:
+        running.expected_reason = UNSUPPORTED[request.param][2]
         yield running
 
 
-def test_unsupported_model_refuses_budgets_and_caches_like_stock(stock_server_with_middleware):
-    server = stock_server_with_middleware
+def test_unsupported_model_refuses_budgets_and_caches_like_stock(unsupported_server):
+    server = unsupported_server
     with httpx.Client(base_url=server.base_url, timeout=180) as http:
         body = {"model": "tiny-llava", "messages": chat_messages(data_url(scene(42))), "max_tokens": 2,
                 "temperature": 0.0}
@@ -223,7 +234,8 @@ def test_unsupported_model_refuses_budgets_and_caches_like_stock(stock_server_wi
                       {"mm_processor_kwargs": {"visual_token_budget": 64}}):
             response = http.post("/v1/chat/completions", json={**body, **extra})
             message = response.json()["error"]["message"]
-            assert response.status_code == 400 and "not loaded" in message and "LlavaForConditionalGeneration" in message
+            assert response.status_code == 400 and server.expected_reason in message, message
+            assert "'tiny-llava'" in message and "LlavaForConditionalGeneration" in message
         before = http.get("/metrics").text
         first = http.post("/v1/chat/completions", json=body).json()
         second = http.post("/v1/chat/completions", json=body).json()
@@ -257,3 +269,19 @@ def test_offline_generate_drops_hostile_processor_kwargs(tiny_llava_weights_dir,
     assert by_id["hostile"]["token_ids"] == by_id["clean"]["token_ids"]
     assert by_id["hostile"]["logprobs"] == pytest.approx(by_id["clean"]["logprobs"], abs=1e-5)
     assert len(by_id["budget"]["prompt_token_ids"]) == len(by_id["clean"]["prompt_token_ids"]) - 576 + 32
+
+
+OTHER_ROUTES = ["/v1/chat/completions/render", "/v1/completions/render", "/v1/responses/render", "/v1/messages/render",
+                "/v1/messages/count_tokens", "/inference/v1/generate", "/v1/completions", "/v1/messages"]
+
+
+@pytest.mark.parametrize("path", OTHER_ROUTES)
+def test_every_other_route_survives_hostile_bodies(server, http, path):
+    """Routes whose answers are not compared above (render, count, pre-processed generate): hostile processor
+    options, media options and forged keys never give a 5xx and never stop the server."""
+    pid = server.process.pid
+    for extra in HOSTILE_KWARGS.values():
+        for body in ({**chat_body(), **copy.deepcopy(extra)}, {"model": "tiny-llava", "prompt": "hi", **copy.deepcopy(extra)}):
+            response = post(http, path, body)
+            assert response.status_code < 500, (path, response.status_code, response.text[:300])
+    assert_alive(server, pid)
