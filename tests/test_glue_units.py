@@ -346,3 +346,22 @@ def test_failing_fallback_keeps_the_first_k_rows(monkeypatch, caplog):
     assert torch.equal(positions, torch.arange(8)) and torch.equal(rows, features[:8])
     assert counter.fallbacks == ["divprune"]
     assert "fallback selector failed; keeping the first 8 rows" in caplog.text
+
+
+def test_draw_kept_patches_for_each_layout():
+    from PIL import Image
+
+    from textscythe_vllm.draw import draw_kept
+
+    image = Image.new("RGB", (480, 336), (200, 100, 50))
+    grid = {"layout": {"kind": "grid", "rows": 24, "cols": 24, "region": "centre-crop"}, "kept_positions": [0]}
+    drawn = draw_kept(image, grid)
+    # the centre square starts 72 px in: the first patch there is kept (bright), the margin is dimmed
+    assert drawn.getpixel((72 + 7, 7)) == (200, 100, 50) and drawn.getpixel((10, 10)) != (200, 100, 50)
+    whole = {"layout": {"kind": "grid", "rows": 24, "cols": 24, "region": "whole"}, "kept_positions": [0]}
+    assert draw_kept(image, whole).getpixel((5, 5)) == (200, 100, 50)
+    views = {"layout": {"kind": "views", "views": 2, "view_rows": 24, "view_cols": 24,
+                        "row_to_patch": [-1, 0, 600]}, "kept_positions": [1, 2]}
+    assert draw_kept(image, views).getpixel((5, 5)) == (200, 100, 50)  # base-view patch 0 over the whole picture
+    with pytest.raises(ValueError, match="cannot draw"):
+        draw_kept(image, {"layout": {"kind": "grid", "rows": 2, "cols": 2, "frames": 4}, "kept_positions": [1]})

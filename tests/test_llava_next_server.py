@@ -96,3 +96,22 @@ def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_
     pruned = greedy_with_logprobs(client, server.model_name, conversations["large"], visual_token_budget=64)
     with pytest.raises(AssertionError):  # the comparison can fail
         assert_same_outputs(pruned, theirs["large"])
+
+
+def test_explanation_lays_out_base_view_tiles_and_newlines(client, server):
+    """The explain route gives each kept row's place in the base view / tiles (newline rows marked -1), which is
+    what textscythe-draw needs; no newline row is kept while image rows remain."""
+    import httpx
+
+    response = client.chat.completions.create(
+        model=server.model_name, messages=[user_message(QUESTION, scene(25, 672, 672))], max_tokens=1,
+        temperature=0.0, extra_body={"visual_token_budget": 320, "visual_token_explain": True},
+    )
+    record = httpx.get(f"{server.base_url}/v1/textscythe/explanations/{response.id}", timeout=30).json()
+    (item,) = record["items"]
+    layout = item["layout"]
+    assert layout["kind"] == "views" and layout["views"] == 5 and layout["view_rows"] == layout["view_cols"] == 24
+    assert len(layout["row_to_patch"]) == item["num_tokens"] > 2880  # 2,880 patch rows + newline rows
+    patches = [p for p in layout["row_to_patch"] if p >= 0]
+    assert len(set(patches)) == len(patches) and min(patches) >= 0 and max(patches) < 5 * 576  # one row per patch
+    assert item["kept"] == 320 and all(layout["row_to_patch"][position] >= 0 for position in item["kept_positions"])

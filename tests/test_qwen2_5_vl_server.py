@@ -175,3 +175,17 @@ def test_streaming_and_repeat_are_deterministic_with_prefix_cache(client, server
 
 def fingerprint(response) -> tuple[int, list[tuple[str, float]]]:
     return response.usage.prompt_tokens, [(t.token, t.logprob) for t in response.choices[0].logprobs.content]
+
+
+def test_explanation_lays_out_images_and_video_frames(client, server, clip):
+    import httpx
+
+    response = chat(client, server, [message(QUESTION, images=[scene(8, 336, 224)], videos=[clip])], 20,
+                    visual_token_explain=True)
+    items = httpx.get(f"{server.base_url}/v1/textscythe/explanations/{response.id}", timeout=30).json()["items"]
+    layouts = {item["modality"]: item["layout"] for item in items}
+    assert layouts["image"] == {"kind": "grid", "rows": 8, "cols": 12, "region": "whole"}  # 224 x 336 px, merged 2x2
+    video = layouts["video"]
+    assert video["kind"] == "grid" and video["frames"] * video["rows"] * video["cols"] == \
+        next(item["num_tokens"] for item in items if item["modality"] == "video")
+    assert all(item["kept"] == 20 for item in items)

@@ -93,7 +93,7 @@ def test_asked_object_is_kept_under_any_system_prompt(client, server, system):
         assert len(SYSTEMS[system].split()) >= (300 if "300" in system else 40)
     _, red = ask(client, server, [*prefix, turn(RED)])
     (item,) = red["items"]
-    assert item["kept"] == BUDGET and item["layout"] == {"kind": "grid", "rows": 24, "cols": 24}
+    assert item["kept"] == BUDGET and item["layout"] == {"kind": "grid", "rows": 24, "cols": 24, "region": "centre-crop"}
     assert shares(item, "red")[0] >= 0.9, item  # the large object: the kept tokens are red
     assert key_words(item) == ["red"]
     assert [token["token"].strip() for token in item["instruction"]] == RED.split()  # the user's words only

@@ -3,10 +3,9 @@
     textscythe-draw --image photo.jpg --url http://localhost:8000 --request-id chatcmpl-... [--api-key KEY]
     textscythe-draw --image photo.jpg --explanation explanation.json --out kept.png
 
-The explanation is the answer of ``GET /v1/textscythe/explanations/{id}`` (see docs/how-it-works.md). Items laid
-out as one patch grid (``layout.kind == "grid"``: LLaVA-1.5's 24 x 24) are drawn over the central square of the
-image -- the region the model's processor keeps after resizing the short side and centre-cropping --, pruned
-patches dimmed, kept ones outlined; the title names the key words TextScythe found. Other layouts are listed.
+The explanation is the answer of ``GET /v1/textscythe/explanations/{id}`` (see docs/how-it-works.md): pruned
+patches are dimmed, kept ones outlined (see :func:`draw_kept` for each layout); other layouts (video frames,
+OneVision's merged views) are refused with their kept positions listed.
 """
 
 from __future__ import annotations
@@ -26,28 +25,47 @@ def key_words(item: dict[str, Any]) -> list[str]:
 
 
 def draw_kept(image: Image.Image, item: dict[str, Any], dim: float = 0.25) -> Image.Image:
-    """``image`` with the item's kept patches (grid layouts) highlighted; raises ``ValueError`` otherwise."""
+    """``image`` with the item's kept patches highlighted; raises ``ValueError`` for a layout it cannot draw.
+
+    ``grid`` (one picture): the grid covers the central square the processor keeps after resizing the short side
+    and centre-cropping (``"region": "centre-crop"``, LLaVA-1.5), or the whole picture (``"whole"``, Qwen2.5-VL). ``views`` (LLaVA-NeXT): the base
+    view's kept patches over the whole picture (the base view is the picture resized to one square view); the
+    kept rows of the tiles are counted in the title, not drawn.
+    """
     layout = item.get("layout") or {}
-    if layout.get("kind") != "grid":
-        raise ValueError(f"cannot draw layout {layout.get('kind')!r}: kept positions {item.get('kept_positions')}")
-    rows, cols = int(layout["rows"]), int(layout["cols"])
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
+    kept = item.get("kept_positions", [])
+    if layout.get("kind") == "grid" and layout.get("frames", 1) == 1:
+        rows, cols = int(layout["rows"]), int(layout["cols"])
+        cells = [divmod(position, cols) for position in kept]
+        region = _central_square(image) if layout.get("region") == "centre-crop" else (0, 0, *image.size)
+    elif layout.get("kind") == "views":
+        rows, cols = int(layout["view_rows"]), int(layout["view_cols"])
+        patches = layout["row_to_patch"]
+        cells = [divmod(patches[position], cols) for position in kept if 0 <= patches[position] < rows * cols]
+        region = (0, 0, *image.size)
+    else:
+        raise ValueError(f"cannot draw layout {layout.get('kind')!r} (frames: {layout.get('frames', 1)}); kept "
+                         f"positions: {kept}")
+    left, top, right, bottom = region
+    width, height = right - left, bottom - top
     base = image.convert("RGB")
-    dimmed = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 1.0 - dim)
-    out = dimmed.copy()
+    out = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 1.0 - dim)
     draw = ImageDraw.Draw(out)
-    kept = set(item.get("kept_positions", []))
-    for position in kept:
-        row, col = divmod(position, cols)
+    for row, col in cells:
         if row >= rows:
             continue
-        box = (left + col * side // cols, top + row * side // rows,
-               left + (col + 1) * side // cols, top + (row + 1) * side // rows)
+        box = (left + col * width // cols, top + row * height // rows,
+               left + (col + 1) * width // cols, top + (row + 1) * height // rows)
         out.paste(base.crop(box), box[:2])
         draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(255, 255, 255))
     return out
+
+
+def _central_square(image: Image.Image) -> tuple[int, int, int, int]:
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
 
 
 def fetch(url: str, request_id: str, api_key: str | None = None) -> dict[str, Any]:

@@ -127,8 +127,24 @@ def grid_layout(num_rows: int) -> dict[str, Any]:
     """The layout of an item whose rows are one square patch grid (LLaVA-1.5), else a plain sequence."""
     side = round(num_rows ** 0.5)
     if side * side == num_rows:
-        return {"kind": "grid", "rows": side, "cols": side}
+        return patch_grid(side, side)
     return {"kind": "sequence", "length": num_rows}
+
+
+def patch_grid(rows: int, cols: int, frames: int = 1, region: str = "centre-crop") -> dict[str, Any]:
+    """Rows that are ``frames`` x ``rows`` x ``cols`` patches in raster order (Qwen2.5-VL: merged patches, frames
+    being temporal patches of a video). ``region``: the part of the picture the grid covers -- ``centre-crop``
+    (the processor resizes the short side and crops the centre square: LLaVA-1.5) or ``whole`` (Qwen2.5-VL)."""
+    layout: dict[str, Any] = {"kind": "grid", "rows": rows, "cols": cols, "region": region}
+    if frames > 1:
+        layout["frames"] = frames
+    return layout
+
+
+def views_layout(row_to_patch: list[int], views: int, side: int) -> dict[str, Any]:
+    """Rows merged from several square views (LLaVA-NeXT: the base view then the tiles): each row's index in the
+    stacked ``views x side x side`` tower patches, -1 for a newline row."""
+    return {"kind": "views", "views": views, "view_rows": side, "view_cols": side, "row_to_patch": row_to_patch}
 
 
 # --- the route -----------------------------------------------------------------------------------------------

@@ -191,11 +191,17 @@ def prune_items(
     embed_tokens: Callable[[Tensor], Tensor],  # instruction ids [T] -> embeddings [T, D]
     candidates: Sequence[Tensor | None] | None = None,
     attention_seconds: float = 0.0,  # time spent computing ``attention`` for the whole batch
+    layouts: Sequence[dict[str, Any] | None] | None = None,  # per item, for explanations
 ) -> list[Tensor]:
     """Apply each item's plan; unpruned items (budget 0 or >= their token count) come back unchanged."""
     return [rows for rows, _ in prune_items_with_positions(
-        features, attention, plans, embed_tokens, candidates, attention_seconds
+        features, attention, plans, embed_tokens, candidates, attention_seconds, layouts
     )]
+
+
+def explaining(plans: Sequence[ImagePlan]) -> bool:
+    """Whether any item of the batch is explained (family modules then describe their items' layouts)."""
+    return any(plan.explain_id for plan in plans)
 
 
 def prune_items_with_positions(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from textscythe_vllm import metrics
+from textscythe_vllm import explain, metrics
 from textscythe_vllm._vllm import (
     MULTIMODAL_REGISTRY,
     LlavaDummyInputsBuilder,
@@ -25,7 +25,7 @@ from textscythe_vllm._vllm import (
     merge_image_patches,
 )
 from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
-from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, needs_attention, prune_items
+from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, explaining, needs_attention, prune_items
 
 
 def anyres_layout(config: Any, image_size: Tensor, num_views: int) -> Tensor:
@@ -75,10 +75,14 @@ class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         image_sizes = kwargs.get("image_sizes")
         attention: list[Tensor | None] = []
         candidates: list[Tensor | None] = []
+        layouts: list[dict[str, Any] | None] | None = [] if explaining(plans) else None
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         offset = 0
         for index, views in enumerate(views_per_item):
             layout = anyres_layout(self.config, image_sizes[index], views).to(features[index].device)  # type: ignore[index]
             candidates.append(layout >= 0)
+            if layouts is not None:
+                layouts.append(explain.views_layout(layout.tolist(), views, side))
             if stacked_attention is None:
                 attention.append(None)
             else:
@@ -86,4 +90,5 @@ class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
                 attention.append(torch.where(layout >= 0, flat[layout.clamp(min=0)], 0.0))
             offset += views
         embed_tokens = self.get_language_model().embed_input_ids
-        return prune_items(list(features), attention, plans, embed_tokens, candidates, attention_seconds=seconds)
+        return prune_items(list(features), attention, plans, embed_tokens, candidates, attention_seconds=seconds,
+                           layouts=layouts)

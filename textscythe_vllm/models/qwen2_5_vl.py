@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from textscythe_vllm import LOGGER_NAME, metrics
+from textscythe_vllm import LOGGER_NAME, explain, metrics
 from textscythe_vllm._vllm import (
     MULTIMODAL_REGISTRY,
     EmbeddingItems,
@@ -65,6 +65,7 @@ from textscythe_vllm._vllm import (
 from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
 from textscythe_vllm.pruning import (
     ModalityPruningMixin,
+    explaining,
     mean_received_attention,
     needs_attention,
     prune_items_with_positions,
@@ -306,10 +307,13 @@ class TextScytheQwen2_5_VLForConditionalGeneration(ModalityPruningMixin, Qwen2_5
                 seconds = probe.seconds
             else:
                 logger.warning("textscythe: the vision attention probe saw no forward pass; selecting without it")
-        results = prune_items_with_positions(
-            features, attention, plans, self.get_language_model().embed_input_ids, attention_seconds=seconds
-        )
         merge = self.visual.spatial_merge_size
+        layouts = ([explain.patch_grid(h // merge, w // merge, t, region="whole") for t, h, w in grid_thw]
+                   if explaining(plans) else None)
+        results = prune_items_with_positions(
+            features, attention, plans, self.get_language_model().embed_input_ids, attention_seconds=seconds,
+            layouts=layouts,
+        )
         rows_out = []
         for index, ((rows, kept), (t, h, w)) in enumerate(zip(results, grid_thw, strict=True)):
             if kept is None:
