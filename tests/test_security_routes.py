@@ -249,7 +249,7 @@ def test_unsupported_model_refuses_budgets_and_caches_like_stock(unsupported_ser
 
 
 # --- offline -------------------------------------------------------------------------------------------------------
-def test_offline_generate_drops_hostile_processor_kwargs(tiny_llava_weights_dir, tmp_path):
+def test_offline_generate_and_chat_drop_hostile_processor_kwargs(tiny_llava_weights_dir, tmp_path):
     from textscythe_vllm.testing.offline import finish_runner, start_runner
 
     prompt = f"USER: <image>\n{QUESTION} ASSISTANT:"
@@ -262,9 +262,17 @@ def test_offline_generate_drops_hostile_processor_kwargs(tiny_llava_weights_dir,
         {"id": "budget", "prompt": prompt, "images": image, "max_tokens": 4,
          "mm_processor_kwargs": {"visual_token_budget": 32, "do_resize": False}},
     ]
+    conversation = [{"role": "system", "text": "answer briefly ."},
+                    {"role": "user", "text": QUESTION, "images": image}]
+    chat = [{"id": "clean", "messages": conversation, "max_tokens": 4},
+            {"id": "hostile", "messages": conversation, "max_tokens": 4,
+             "mm_processor_kwargs": {"do_resize": False, "do_center_crop": False, "_textscythe_request": "forged"}}]
     process, output, log = start_runner(tiny_llava_weights_dir, tmp_path, "hostile", requests, {},
-                                        llm_kwargs={"dtype": "float32"})
+                                        llm_kwargs={"dtype": "float32"}, chat=chat)
     results = finish_runner(process, output, log, time.monotonic() + 420)
+    chats = {entry["id"]: entry for entry in results["chat"]}  # LLM.chat: the same allow-list
+    assert chats["hostile"]["token_ids"] == chats["clean"]["token_ids"]
+    assert chats["hostile"]["logprobs"] == pytest.approx(chats["clean"]["logprobs"], abs=1e-5)
     by_id = {entry["id"]: entry for entry in results["batch"]}
     assert by_id["hostile"]["token_ids"] == by_id["clean"]["token_ids"]
     assert by_id["hostile"]["logprobs"] == pytest.approx(by_id["clean"]["logprobs"], abs=1e-5)

@@ -17,6 +17,8 @@ spec and starts it, :func:`finish_runner` waits and reads the results. Spec::
          "max_tokens": 8}
       ],
       "solo": true,                              # also run every request on its own (default true)
+      "chat": [{"id": ..., "messages": [{"role": "user", "text": "...", "images": [{"seed": 1}]}],
+                "mm_processor_kwargs": {...}, "max_tokens": 4}],   # optional: LLM.chat conversations
       "probe": [...],                            # optional, LLaVA: model-side values read inside the worker
       "probe_items": "/path/to/items.pt",        # optional, Qwen2.5-VL: the same from torch.save'd pixels
       "output": "/path/to/results.json"
@@ -58,7 +60,7 @@ from typing import Any
 def start_runner(
     model_dir: Path, workdir: Path, name: str, requests: list[dict[str, Any]], env: dict[str, str], *,
     probe: list[dict[str, Any]] | None = None, probe_items: str | None = None,
-    llm_kwargs: dict[str, Any] | None = None,
+    llm_kwargs: dict[str, Any] | None = None, chat: list[dict[str, Any]] | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """Write ``{workdir}/{name}-spec.json`` and start the runner on it (its own process group, output in
     ``{name}.log``); returns ``(process, results path, log path)`` for :func:`finish_runner`."""
@@ -66,7 +68,7 @@ def start_runner(
 
     spec = {
         "model": str(model_dir), "requests": requests, "solo": True, "probe": probe or [],
-        "probe_items": probe_items or "", "llm_kwargs": llm_kwargs or {},
+        "probe_items": probe_items or "", "llm_kwargs": llm_kwargs or {}, "chat": chat or [],
         "output": str(workdir / f"{name}-results.json"),
     }
     spec_path = workdir / f"{name}-spec.json"
@@ -130,6 +132,17 @@ def build_prompt(request: dict[str, Any]) -> dict[str, Any]:
     if request.get("mm_processor_kwargs"):
         prompt["mm_processor_kwargs"] = dict(request["mm_processor_kwargs"])
     return prompt
+
+
+def chat_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """``LLM.chat`` messages from a spec's ``messages``: ``{"role", "text", "images": [image specs]}`` each."""
+    return [
+        {"role": message["role"], "content": [
+            *({"type": "image_pil", "image_pil": load_image(image)} for image in message.get("images", [])),
+            {"type": "text", "text": message["text"]},
+        ]}
+        for message in request["messages"]
+    ]
 
 
 def sampled_logprobs(completion: Any) -> list[float]:
@@ -211,6 +224,14 @@ def main(spec_path: str) -> int:
         solo = [llm.generate([build_prompt(r)], [params(r)], use_tqdm=False)[0] for r in requests]
         results["solo"] = generation_entries(requests, solo)
         timings["solo_s"] = time.monotonic() - started
+
+    if spec.get("chat"):  # LLM.chat, one conversation at a time, with the request's mm_processor_kwargs
+        started = time.monotonic()
+        chats = spec["chat"]
+        outputs = [llm.chat(chat_messages(c), params(c), use_tqdm=False,
+                            mm_processor_kwargs=c.get("mm_processor_kwargs"))[0] for c in chats]
+        results["chat"] = generation_entries(chats, outputs)
+        timings["chat_s"] = time.monotonic() - started
 
     if spec.get("probe") or spec.get("probe_items"):
         started = time.monotonic()
