@@ -148,35 +148,42 @@ def test_unguarded_routes_pass_through_untouched(vllm_app):
 
 
 # --- request ids and the latency ticket -------------------------------------------------------------------------
+def redeem(ticket, bucket: str) -> bool:
+    """What the processor does with a ticket: claim its ids (once), file the bucket under them."""
+    request_ids = metrics.REQUEST_BUCKETS.claim(ticket)
+    metrics.REQUEST_BUCKETS.file(request_ids, bucket)
+    return bool(request_ids)
+
+
 def test_request_ids_stay_vllms_and_the_ticket_files_the_bucket(vllm_app):
     status, _, downstream = guarded(vllm_app, {"messages": []})
     chat_id = json.loads(downstream.body)["request_id"]
     assert status == 200 and len(chat_id) == 16  # vLLM's own random_uuid() format
     ticket = json.loads(downstream.body)["mm_processor_kwargs"]["_textscythe_request"]
-    assert metrics.REQUEST_BUCKETS.redeem(ticket, "<=64")
-    assert not metrics.REQUEST_BUCKETS.redeem(ticket, "<=64")  # one use
+    assert redeem(ticket, "<=64")
+    assert not redeem(ticket, "<=64")  # one use
     assert metrics.REQUEST_BUCKETS.pop(f"chatcmpl-{chat_id}") == "<=64"
 
     _, _, downstream = guarded(vllm_app, {"input": "x"}, "/v1/responses")
     response_id = json.loads(downstream.body)["request_id"]
     assert response_id.startswith("resp_")  # ResponsesRequest's own default
-    metrics.REQUEST_BUCKETS.redeem(json.loads(downstream.body)["mm_processor_kwargs"]["_textscythe_request"], "none")
+    redeem(json.loads(downstream.body)["mm_processor_kwargs"]["_textscythe_request"], "none")
     assert metrics.REQUEST_BUCKETS.pop(f"{response_id}_0") == "none"  # the responses route's sub-request id
 
     _, _, downstream = guarded(vllm_app, {"messages": []}, headers=[*AUTH, (b"x-request-id", b"mine-1")])
-    metrics.REQUEST_BUCKETS.redeem(json.loads(downstream.body)["mm_processor_kwargs"]["_textscythe_request"], "none")
+    redeem(json.loads(downstream.body)["mm_processor_kwargs"]["_textscythe_request"], "none")
     assert metrics.REQUEST_BUCKETS.pop("chatcmpl-mine-1") == "none"
 
     _, _, downstream = guarded(vllm_app, {"messages": []}, "/invocations")
     header_id = downstream.headers[b"x-request-id"].decode()  # a raw-body route: the id travels as a header
     assert "request_id" not in json.loads(downstream.body)
-    metrics.REQUEST_BUCKETS.redeem(json.loads(downstream.body)["mm_processor_kwargs"]["_textscythe_request"], "none")
+    redeem(json.loads(downstream.body)["mm_processor_kwargs"]["_textscythe_request"], "none")
     assert metrics.REQUEST_BUCKETS.pop(f"chatcmpl-{header_id}") == "none"
 
 
 def test_forged_tickets_file_nothing():
-    assert not metrics.REQUEST_BUCKETS.redeem("forged-tag", "<=64")
-    assert not metrics.REQUEST_BUCKETS.redeem(["not", "a", "str"], "<=64")
+    assert not redeem("forged-tag", "<=64")
+    assert not redeem(["not", "a", "str"], "<=64")
 
 
 # --- the API key, before the body ------------------------------------------------------------------------------

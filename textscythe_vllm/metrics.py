@@ -130,7 +130,7 @@ class _RequestBuckets:
 
     The middleware announces each request's possible ids and gets an unguessable *ticket*, which travels to the
     processor inside ``mm_processor_kwargs``; the processor (which knows the effective budget, server default
-    included, and whether the request has media) redeems the ticket by filing the bucket under those ids; the
+    included, and whether the request has media) claims the ticket's ids and files the bucket under them; the
     stat logger takes it out when the request finishes. A ticket the middleware did not issue (a client
     forging the private key on any route or frontend) files nothing. Both maps are bounded, so requests that
     never reach the processor or never finish cannot grow them.
@@ -164,12 +164,6 @@ class _RequestBuckets:
             for request_id in request_ids:
                 self._buckets[request_id] = bucket
             _trim(self._buckets, self._capacity)
-
-    def redeem(self, ticket: object, bucket: str) -> bool:
-        """:meth:`claim` then :meth:`file`; ``False`` for an unknown ticket."""
-        request_ids = self.claim(ticket)
-        self.file(request_ids, bucket)
-        return bool(request_ids)
 
     def pop(self, request_id: str) -> str | None:
         """Bucket of a finished request, given vLLM's external id: ``chatcmpl-<id>``, ``cmpl-<id>``, and a
