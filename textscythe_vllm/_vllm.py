@@ -49,13 +49,20 @@ def check_vllm_version(version: str) -> None:
 
 
 # --- what the API server's app knows (read by the middleware) ----------------------------------------------
-def api_key_tokens(app: object) -> list[str]:
-    """The API keys vLLM's own ``AuthenticationMiddleware`` was installed with (``--api-key`` or
-    ``VLLM_API_KEY``), read from the app's middleware list; ``[]`` when the server has no key."""
+def api_key_check(app: object) -> Callable[[Mapping[str, Any]], bool] | None:
+    """vLLM's own API-key check (``AuthenticationMiddleware.verify_token``: ``Authorization: Bearer <key>``,
+    compared in constant time) for the keys the app's middleware was installed with (``--api-key`` or
+    ``VLLM_API_KEY``), as a function of an ASGI scope; ``None`` when the server has no key."""
+    authentication = __getattr__("AuthenticationMiddleware")
     for middleware in getattr(app, "user_middleware", ()):
-        if middleware.cls is __getattr__("AuthenticationMiddleware"):
-            return [token for token in middleware.kwargs.get("tokens", ()) if token]
-    return []
+        if middleware.cls is authentication:
+            tokens = [token for token in middleware.kwargs.get("tokens", ()) if token]
+            if tokens:
+                from starlette.datastructures import Headers
+
+                checker = authentication(app=None, tokens=tokens)
+                return lambda scope: bool(checker.verify_token(Headers(scope=scope)))
+    return None
 
 
 def served_model(app: object) -> tuple[str, str] | None:

@@ -22,11 +22,9 @@ still sees client disconnects.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
-import secrets
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -143,8 +141,8 @@ class VisualTokenBudgetMiddleware:
             return
         server = self._server_facts(scope)
         try:
-            if server.key_hashes and self._needs_key(scope) and not server.authorized(scope):
-                raise RequestRejected(401, "Unauthorized: a valid API key is required", None, "AuthenticationError")
+            if server.key_check is not None and self._needs_key(scope) and not server.key_check(scope):
+                raise _unauthorized()
             self._check_declared_length(scope)
             body = await self._read_body(receive)
             headers = list(scope.get("headers", []))
@@ -164,9 +162,8 @@ class VisualTokenBudgetMiddleware:
     async def _explanation(self, scope: Scope, send: Send) -> None:
         """``GET /v1/textscythe/explanations/{id}``: the same key rule as every ``/v1`` route."""
         server = self._server_facts(scope)
-        if server.key_hashes and not server.authorized(scope):
-            await _send_error(send, RequestRejected(401, "Unauthorized: a valid API key is required", None,
-                                                    "AuthenticationError"))
+        if server.key_check is not None and not server.key_check(scope):
+            await _send_error(send, _unauthorized())
             return
         request_id = urllib.parse.unquote(_route_path(scope)[len(explain.ROUTE_PREFIX):])
         record = await asyncio.to_thread(explain.lookup, request_id) if request_id else None
@@ -242,20 +239,20 @@ class VisualTokenBudgetMiddleware:
 class _ServerFacts:
     """What the middleware needs to know about the server it runs in, read from the app once it is set up."""
 
-    def __init__(self, key_hashes: list[bytes], refusal: str | None, complete: bool) -> None:
-        self.key_hashes, self.refusal, self.complete = key_hashes, refusal, complete
+    def __init__(self, key_check: Callable[[Scope], bool] | None, refusal: str | None, complete: bool) -> None:
+        self.key_check, self.refusal, self.complete = key_check, refusal, complete
 
     @classmethod
     def of(cls, app: Any) -> _ServerFacts:
-        from textscythe_vllm._vllm import api_key_tokens, served_model
+        from textscythe_vllm._vllm import api_key_check, served_model
         from textscythe_vllm.plugin import MODEL_CLASSES, plugin_registered
 
         if app is None:  # outside a Starlette app (unit tests of the rewrite): nothing to learn
-            return cls([], None, complete=True)
-        key_hashes = [hashlib.sha256(token.encode()).digest() for token in api_key_tokens(app)]
+            return cls(None, None, complete=True)
+        key_check = api_key_check(app)
         model = served_model(app)
         if model is None:  # the app's state is set up in its lifespan; look again on the next request
-            return cls(key_hashes, None, complete=False)
+            return cls(key_check, None, complete=False)
         name, architecture = model
         refusal = None
         if not plugin_registered():
@@ -264,21 +261,11 @@ class _ServerFacts:
         elif architecture not in MODEL_CLASSES:
             refusal = (f"model '{name}' (architecture {architecture}) is not pruned by textscythe-vllm, which "
                        f"supports {', '.join(MODEL_CLASSES)}")
-        return cls(key_hashes, refusal, complete=True)
+        return cls(key_check, refusal, complete=True)
 
-    def authorized(self, scope: Scope) -> bool:
-        """vLLM's own rule: ``Authorization: Bearer <one of the keys>``, compared in constant time."""
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                if scheme.lower() != "bearer":
-                    return False
-                digest = hashlib.sha256(token.encode("latin-1")).digest()
-                matched = False
-                for key_hash in self.key_hashes:
-                    matched |= secrets.compare_digest(digest, key_hash)
-                return matched
-        return False
+
+def _unauthorized() -> RequestRejected:
+    return RequestRejected(401, "Unauthorized: a valid API key is required", None, "AuthenticationError")
 
 
 def _announce_request(payload: dict[str, Any], headers: list[tuple[bytes, bytes]],
