@@ -1,7 +1,7 @@
 """Sustained mixed load against a real ``vllm serve`` with the plugin: errors, latency, memory trend, and
 whether concurrent greedy answers equal the same requests served alone.
 
-The long form of tests/test_reliability.py. The request mix (``textscythe_vllm.testing.load``): a few images,
+The long form of tests/test_reliability.py. The request mix (``textscythe_dev.load``): a few images,
 several questions (the same image asked different questions at the same time), budgets none / 1 / 32 / 64 /
 192 / 576 / 1000, several selectors, half of the requests streamed, greedy decoding.
 
@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(REPO_ROOT))
 
-from textscythe_vllm.testing import load  # noqa: E402
+from textscythe_dev import load  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             base_url, model, pgid = args.url.rstrip("/"), args.model_name, args.server_pid
         else:
-            from textscythe_vllm.testing.server import VLLMServer
+            from textscythe_dev.server import VLLMServer
 
             model_dir = args.model
             if model_dir is None:
-                from textscythe_vllm.testing.tiny_models import build_tiny_llava
+                from textscythe_dev.tiny_models import build_tiny_llava
 
                 model_dir = build_tiny_llava(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tiny",
                                              kind="llava-1.5", with_weights=True)

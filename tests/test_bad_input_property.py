@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from textscythe_dev.images import data_url, scene
+from textscythe_dev.server import VLLMServer
 from textscythe_vllm.request import MAX_BUDGET
 from textscythe_vllm.selectors import available_selectors
-from textscythe_vllm.testing.images import data_url, scene
-from textscythe_vllm.testing.server import VLLMServer
 
 pytestmark = pytest.mark.server
 

@@ -185,7 +185,7 @@ def test_lmms_eval_launcher_adds_the_budget_to_every_request() -> None:
 @pytest.mark.server
 def test_eval_openai_against_tiny_server(tiny_llava_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("easy_vqa")
-    from textscythe_vllm.testing.server import VLLMServer
+    from textscythe_dev.server import VLLMServer
 
     out = tmp_path / "eval.json"
     with VLLMServer(tiny_llava_dir, ["--load-format", "dummy", "--seed", "0"],

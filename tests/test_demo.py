@@ -18,7 +18,7 @@ pytestmark = pytest.mark.server
 def demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     run = subprocess.run(
-        [sys.executable, "-m", "textscythe_vllm.demo", "--workdir", str(workdir), "--rounds", "1",
+        [sys.executable, "-m", "textscythe_dev.demo", "--workdir", str(workdir), "--rounds", "1",
          "--llm-layers", "2"],
         capture_output=True, text=True, timeout=900,
     )

@@ -233,8 +233,8 @@ def test_profiling_inputs_stay_unpruned_under_a_server_default_budget(tiny_llava
     from vllm.multimodal.processing import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
 
+    from textscythe_dev.images import scene
     from textscythe_vllm.plugin import register
-    from textscythe_vllm.testing.images import scene
 
     register()
     config = ModelConfig(model=str(tiny_llava_dir), mm_processor_kwargs={"visual_token_budget": 192})
@@ -267,8 +267,8 @@ def test_processor_takes_only_the_plugins_keys_from_a_request(tiny_llava_dir, ca
     from vllm.multimodal.processing import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
 
+    from textscythe_dev.images import scene
     from textscythe_vllm.plugin import register
-    from textscythe_vllm.testing.images import scene
 
     register()
 

@@ -139,14 +139,14 @@ def test_later_turns_never_change_an_earlier_images_instruction():
 @pytest.mark.parametrize("builder", ["llava", "qwen", "onevision"])
 def test_tiny_checkpoint_templates(builder):
     if builder == "llava":
-        from textscythe_vllm.testing.tiny_models import IMAGE_TOKEN
-        from textscythe_vllm.testing.tiny_models import build_tiny_tokenizer as build
+        from textscythe_dev.tiny_models import IMAGE_TOKEN
+        from textscythe_dev.tiny_models import build_tiny_tokenizer as build
     elif builder == "qwen":
-        from textscythe_vllm.testing.tiny_qwen import IMAGE_PAD as IMAGE_TOKEN
-        from textscythe_vllm.testing.tiny_qwen import build_tiny_qwen_tokenizer as build
+        from textscythe_dev.tiny_qwen import IMAGE_PAD as IMAGE_TOKEN
+        from textscythe_dev.tiny_qwen import build_tiny_qwen_tokenizer as build
     else:
-        from textscythe_vllm.testing.tiny_onevision import IMAGE_TOKEN
-        from textscythe_vllm.testing.tiny_onevision import build_tokenizer as build
+        from textscythe_dev.tiny_onevision import IMAGE_TOKEN
+        from textscythe_dev.tiny_onevision import build_tokenizer as build
     tokenizer = build()
     messages = [system("you are a helpful assistant . answer in one word ."), user("where is the red rectangle ?"),
                 assistant("it is left"), user("and the blue circle ?", images=2)]

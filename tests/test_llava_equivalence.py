@@ -2,7 +2,7 @@
 
 One tiny LLaVA-1.5 checkpoint with real (random, seeded) float32 weights is run three ways:
 
-* vLLM offline with the plugin (``textscythe_vllm.testing.offline`` in a subprocess: one batched ``LLM.generate`` with
+* vLLM offline with the plugin (``textscythe_dev.offline`` in a subprocess: one batched ``LLM.generate`` with
   every case, then every case alone), plus a probe that reads the plugin model's own [CLS] attention and
   pruned rows inside the worker;
 * stock vLLM (``VLLM_PLUGINS=``, same runner) on the cases without a budget;
@@ -31,10 +31,10 @@ from typing import Any
 import pytest
 import torch
 
+from textscythe_dev.images import scene
+from textscythe_dev.offline import finish_runner, read_selection_log, start_runner, stop_runner
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.selectors import get_selector
-from textscythe_vllm.testing.images import scene
-from textscythe_vllm.testing.offline import finish_runner, read_selection_log, start_runner, stop_runner
 
 pytestmark = pytest.mark.server
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from textscythe_vllm.testing.images import scene, user_message
-from textscythe_vllm.testing.server import (
+from textscythe_dev.images import scene, user_message
+from textscythe_dev.server import (
     VLLMServer,
     assert_image_drives_outputs,
     assert_same_outputs,
@@ -22,7 +22,7 @@ SERVER_ARGS = ["--dtype", "float32", "--seed", "0"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from textscythe_vllm.testing.tiny_models import build_tiny_llava
+    from textscythe_dev.tiny_models import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava-next-weights"), kind="llava-next", with_weights=True)
 

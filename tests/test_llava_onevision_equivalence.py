@@ -20,11 +20,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from textscythe_dev import tiny_onevision
+from textscythe_dev.images import scene
+from textscythe_dev.server import cpu_test_env
 from textscythe_vllm.models.llava_onevision import image_layout
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
-from textscythe_vllm.testing import tiny_onevision
-from textscythe_vllm.testing.images import scene
-from textscythe_vllm.testing.server import cpu_test_env
 
 pytestmark = pytest.mark.server
 
@@ -37,8 +37,8 @@ RUNNER = textwrap.dedent('''
     import torch
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
-    from textscythe_vllm.testing.images import scene
-    from textscythe_vllm.testing.worker_probe import probe_tower_attention
+    from textscythe_dev.images import scene
+    from textscythe_dev.worker_probe import probe_tower_attention
 
     if __name__ == "__main__":
         model_dir, width, height, budget, prompt, output = sys.argv[1:]

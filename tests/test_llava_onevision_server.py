@@ -12,17 +12,17 @@ import openai
 import pytest
 import torch
 
-from textscythe_vllm.pruning import SELECTION_LOG_ENV
-from textscythe_vllm.testing import tiny_onevision
-from textscythe_vllm.testing.images import data_url, scene
-from textscythe_vllm.testing.load import metric_sum
-from textscythe_vllm.testing.server import (
+from textscythe_dev import tiny_onevision
+from textscythe_dev.images import data_url, scene
+from textscythe_dev.load import metric_sum
+from textscythe_dev.server import (
     VLLMServer,
     assert_image_drives_outputs,
     assert_same_outputs,
     greedy_with_logprobs,
     stock_outputs,
 )
+from textscythe_vllm.pruning import SELECTION_LOG_ENV
 
 pytestmark = pytest.mark.server
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
+from textscythe_dev import tiny_onevision
+from textscythe_dev.images import scene
 from textscythe_vllm import pruning
 from textscythe_vllm.models import llava_onevision as onevision
-from textscythe_vllm.testing import tiny_onevision
-from textscythe_vllm.testing.images import scene
 
 
 class _FakeSiglipAttention(torch.nn.Module):

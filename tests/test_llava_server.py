@@ -8,9 +8,9 @@ import urllib.request
 import openai
 import pytest
 
-from textscythe_vllm.testing.images import image_part, scene, user_message
-from textscythe_vllm.testing.load import metric_sum
-from textscythe_vllm.testing.server import VLLMServer
+from textscythe_dev.images import image_part, scene, user_message
+from textscythe_dev.load import metric_sum
+from textscythe_dev.server import VLLMServer
 
 pytestmark = pytest.mark.server
 
@@ -139,7 +139,7 @@ def test_completions_endpoint_with_budget(client, server):
 
 
 def test_responses_endpoint_with_budget(client, server):
-    from textscythe_vllm.testing.images import data_url
+    from textscythe_dev.images import data_url
 
     def input_tokens(budget):
         content = [{"type": "input_image", "image_url": data_url(scene(10))}, {"type": "input_text", "text": QUESTION}]

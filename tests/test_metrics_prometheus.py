@@ -12,9 +12,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from textscythe_vllm.testing.images import scene, user_message
-from textscythe_vllm.testing.prometheus import PrometheusServer
-from textscythe_vllm.testing.server import VLLMServer, wait_until
+from textscythe_dev.images import scene, user_message
+from textscythe_dev.prometheus import PrometheusServer
+from textscythe_dev.server import VLLMServer, wait_until
 
 pytestmark = [
     pytest.mark.server,

@@ -1,9 +1,9 @@
 """Qwen2.5-VL pruning in vLLM against an independent transformers reference: images, videos, both, chunked prefill.
 
-One tiny Qwen2.5-VL checkpoint with random, seeded float32 weights (``textscythe_vllm.testing.tiny_qwen``) runs
+One tiny Qwen2.5-VL checkpoint with random, seeded float32 weights (``textscythe_dev.tiny_qwen``) runs
 (one engine at a time, both cores; ~4 minutes in all on a 2-core machine):
 
-* vLLM offline with the plugin (``textscythe_vllm.testing.offline`` in a subprocess) with chunked prefill on and
+* vLLM offline with the plugin (``textscythe_dev.offline`` in a subprocess) with chunked prefill on and
   ``max_num_batched_tokens=64``, so images and videos are split across prefill steps: one batched
   ``LLM.generate`` with every case (mixed budgets, interleaved chunks), then every case alone;
 * stock vLLM (``VLLM_PLUGINS=``, same runner and options) on the cases without a budget;
@@ -32,10 +32,10 @@ from typing import Any
 import pytest
 import torch
 
+from textscythe_dev.images import scene
+from textscythe_dev.offline import finish_runner, read_selection_log, start_runner, stop_runner
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.selectors import get_selector
-from textscythe_vllm.testing.images import scene
-from textscythe_vllm.testing.offline import finish_runner, read_selection_log, start_runner, stop_runner
 
 pytestmark = pytest.mark.server
 
@@ -176,7 +176,7 @@ class HFReference:
             return out["pixel_values"], out["image_grid_thw"], 1.0
         from transformers.video_utils import VideoMetadata
 
-        from textscythe_vllm.testing.tiny_qwen import tiny_video
+        from textscythe_dev.tiny_qwen import tiny_video
 
         frames, metadata = tiny_video(spec["seed"], spec["frames"], spec["width"], spec["height"])
         video_metadata = VideoMetadata(**{k: v for k, v in metadata.items() if k != "do_sample_frames"})
@@ -343,7 +343,7 @@ def start_qwen_runner(model_dir: Path, workdir: Path, name: str, cases: list[Cas
 
 @pytest.fixture(scope="module")
 def tiny_qwen_weights_dir(tmp_path_factory) -> Path:
-    from textscythe_vllm.testing.tiny_qwen import build_tiny_qwen2_5_vl
+    from textscythe_dev.tiny_qwen import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl-weights"), with_weights=True)
 
@@ -536,7 +536,7 @@ def test_plugin_attention_and_features_match_hf(hf: HFReference, vllm_runs):
 def test_chunked_prefill_splits_pruned_images_and_videos(vllm_runs):
     """Coverage guard: in the solo runs, prefill steps of CHUNK_TOKENS cut through a pruned image and a pruned
     video (so kept rows of one item arrive in two steps), and through unpruned ones."""
-    from textscythe_vllm.testing.tiny_qwen import IMAGE_PAD, VIDEO_PAD, vocabulary
+    from textscythe_dev.tiny_qwen import IMAGE_PAD, VIDEO_PAD, vocabulary
 
     pads = {vocabulary()[IMAGE_PAD]: "image", vocabulary()[VIDEO_PAD]: "video"}
     split = set()

@@ -10,8 +10,8 @@ import tempfile
 import openai
 import pytest
 
-from textscythe_vllm.testing.images import data_url, scene
-from textscythe_vllm.testing.server import VLLMServer, assert_image_drives_outputs, assert_same_outputs
+from textscythe_dev.images import data_url, scene
+from textscythe_dev.server import VLLMServer, assert_image_drives_outputs, assert_same_outputs
 
 pytestmark = pytest.mark.server
 
@@ -24,7 +24,7 @@ def video_data_url(seed: int, num_frames: int = 8, width: int = 168, height: int
     """An mp4 (OpenCV's mp4v codec) of ``tiny_video`` frames, as a data URL."""
     import cv2
 
-    from textscythe_vllm.testing.tiny_qwen import tiny_video
+    from textscythe_dev.tiny_qwen import tiny_video
 
     frames, _ = tiny_video(seed, num_frames, width, height, fps)
     with tempfile.TemporaryDirectory() as directory:
@@ -45,7 +45,7 @@ def message(text: str, images=(), videos=()) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory):
-    from textscythe_vllm.testing.tiny_qwen import build_tiny_qwen2_5_vl
+    from textscythe_dev.tiny_qwen import build_tiny_qwen2_5_vl
 
     # saved random weights, float32: the pixels drive the logits, so a repeat that matches proves something
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), with_weights=True)

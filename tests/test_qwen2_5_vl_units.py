@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from textscythe_dev.images import scene
+from textscythe_dev.tiny_qwen import tiny_video
 from textscythe_vllm.models import qwen2_5_vl as qwen
 from textscythe_vllm.processing import ImagePlan, plan_field
 from textscythe_vllm.request import PruningRequestError
-from textscythe_vllm.testing.images import scene
-from textscythe_vllm.testing.tiny_qwen import tiny_video
 
 
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory):
-    from textscythe_vllm.testing.tiny_qwen import build_tiny_qwen2_5_vl
+    from textscythe_dev.tiny_qwen import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
 

@@ -26,9 +26,9 @@ import httpx
 import openai
 import pytest
 
-from textscythe_vllm.testing import load
-from textscythe_vllm.testing.images import scene, user_message
-from textscythe_vllm.testing.server import VLLMServer, cpu_test_env, vllm_executable, wait_until
+from textscythe_dev import load
+from textscythe_dev.images import scene, user_message
+from textscythe_dev.server import VLLMServer, cpu_test_env, vllm_executable, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -211,8 +211,8 @@ class TestDisconnects:
         # Decoding must be slow enough to watch: the tiny test models decode ~800 tokens a second here, and while
         # they do, vLLM's API server spends its event loop on their outputs and answers /metrics only when they
         # are done. Vicuna-7B's width with two layers (dummy weights) decodes a few dozen tokens a second.
-        from textscythe_vllm.testing.llava_7b_shape import seven_b_configs
-        from textscythe_vllm.testing.tiny_models import build_tiny_llava
+        from textscythe_dev.llava_7b_shape import seven_b_configs
+        from textscythe_dev.tiny_models import build_tiny_llava
 
         text, vision = seven_b_configs(llm_layers=2, vision_layers=1)
         model = build_tiny_llava(tmp_path_factory.mktemp("llava-7b-wide"), kind="llava-1.5", text_config=text,

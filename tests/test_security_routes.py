@@ -20,9 +20,9 @@ import time
 import httpx
 import pytest
 
-from textscythe_vllm.testing.images import data_url, scene
-from textscythe_vllm.testing.load import metric_sum
-from textscythe_vllm.testing.server import VLLMServer
+from textscythe_dev.images import data_url, scene
+from textscythe_dev.load import metric_sum
+from textscythe_dev.server import VLLMServer
 
 pytestmark = pytest.mark.server
 
@@ -250,7 +250,7 @@ def test_unsupported_model_refuses_budgets_and_caches_like_stock(unsupported_ser
 
 # --- offline -------------------------------------------------------------------------------------------------------
 def test_offline_generate_and_chat_drop_hostile_processor_kwargs(tiny_llava_weights_dir, tmp_path):
-    from textscythe_vllm.testing.offline import finish_runner, start_runner
+    from textscythe_dev.offline import finish_runner, start_runner
 
     prompt = f"USER: <image>\n{QUESTION} ASSISTANT:"
     image = [{"seed": 41, "width": 500, "height": 500}]

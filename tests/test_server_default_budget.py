@@ -9,8 +9,8 @@ import json
 import openai
 import pytest
 
-from textscythe_vllm.testing.images import scene, user_message
-from textscythe_vllm.testing.server import VLLMServer
+from textscythe_dev.images import scene, user_message
+from textscythe_dev.server import VLLMServer
 
 pytestmark = pytest.mark.server
 IMAGE_TOKENS = 576

@@ -14,8 +14,8 @@ import pytest
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_llava_dir, tiny_llava_next_dir, tmp_path_factory):
-    from textscythe_vllm.testing.tiny_onevision import build_tiny_onevision
-    from textscythe_vllm.testing.tiny_qwen import build_tiny_qwen2_5_vl
+    from textscythe_dev.tiny_onevision import build_tiny_onevision
+    from textscythe_dev.tiny_qwen import build_tiny_qwen2_5_vl
 
     return {
         "llava-1.5": tiny_llava_dir, "llava-next": tiny_llava_next_dir,
@@ -28,7 +28,7 @@ def run_probe(directories, out, plugins: str | None):
     env = dict(os.environ)
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
-    done = subprocess.run([sys.executable, "-m", "textscythe_vllm.testing.hash_probe", str(out), *map(str, directories)],
+    done = subprocess.run([sys.executable, "-m", "textscythe_dev.hash_probe", str(out), *map(str, directories)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())

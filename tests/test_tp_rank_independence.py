@@ -79,7 +79,7 @@ def rank_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[d
     for rank, (threads, seed, hash_seed) in enumerate(RANKS):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, OMP_NUM_THREADS=str(threads))
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "textscythe_vllm.testing.selection_worker", str(workdir / "inputs.pt"),
+            [sys.executable, "-m", "textscythe_dev.selection_worker", str(workdir / "inputs.pt"),
              str(workdir / f"rank{rank}.pt"), "--threads", str(threads), "--seed", str(seed)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         ))
@@ -194,7 +194,7 @@ def test_tower_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.
 def tp_server(tiny_llava_weights_dir, tmp_path_factory):
     if (os.cpu_count() or 1) < 2:
         pytest.skip("tensor parallelism on CPU needs a core per rank")
-    from textscythe_vllm.testing.server import VLLMServer
+    from textscythe_dev.server import VLLMServer
 
     logs = tmp_path_factory.mktemp("tp")
     selection_log = logs / "selection.jsonl"
@@ -210,7 +210,7 @@ def tp_server(tiny_llava_weights_dir, tmp_path_factory):
 def test_tensor_parallel_ranks_keep_the_same_tokens(tp_server) -> None:
     import openai
 
-    from textscythe_vllm.testing.images import scene, user_message
+    from textscythe_dev.images import scene, user_message
 
     server, selection_log = tp_server
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,6 +1,6 @@
 """What the user said decides what is kept -- under any system prompt, in a 3-turn chat, with two images in one
 message -- and the explain route shows why. Real ``vllm serve`` (documented launch plus ``--api-key``) on the
-hand-wired colour model (``textscythe_vllm.testing.colour_model``), where the right answer is known by
+hand-wired colour model (``textscythe_dev.colour_model``), where the right answer is known by
 construction: a red patch's visual token *is* the embedding of "red".
 
 Scene: black background, a red rectangle over a quarter of the image (144 of 576 patches), a small blue disc
@@ -13,9 +13,9 @@ import httpx
 import openai
 import pytest
 
-from textscythe_vllm.testing.colour_model import DEFAULT_SHAPES, Shape, colour_scene, shape_patches
-from textscythe_vllm.testing.images import data_url
-from textscythe_vllm.testing.server import VLLMServer
+from textscythe_dev.colour_model import DEFAULT_SHAPES, Shape, colour_scene, shape_patches
+from textscythe_dev.images import data_url
+from textscythe_dev.server import VLLMServer
 
 pytestmark = pytest.mark.server
 
@@ -32,7 +32,7 @@ PATCHES = shape_patches()
 
 @pytest.fixture(scope="module")
 def colour_model_dir(tmp_path_factory):
-    from textscythe_vllm.testing.colour_model import build_colour_llava
+    from textscythe_dev.colour_model import build_colour_llava
 
     return build_colour_llava(tmp_path_factory.mktemp("colour-llava"))
 

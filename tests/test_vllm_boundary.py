@@ -23,9 +23,9 @@ PRIVATE = re.compile(r"(?:\bdef |\.|\bimport |, )(_[a-z][A-Za-z0-9_]*)")
 
 
 def shipped_modules() -> list[Path]:
-    """The package's modules users run (the test and demo scaffolding under testing/ is not part of the plugin)."""
+    """The package's modules users run (the test and demo scaffolding lives in textscythe_dev/, outside the wheel)."""
     return [path for path in PACKAGE.rglob("*.py")
-            if path.name != "_vllm.py" and "testing" not in path.relative_to(PACKAGE).parts]
+            if path.name != "_vllm.py"]
 
 
 def vllm_private_names() -> set[str]:
@@ -62,3 +62,19 @@ def test_the_check_can_fail(tmp_path):
     sample = "    def _get_mm_hashes(self, inputs):\n        return self._parse_and_validate_multimodal_inputs()\n"
     assert {"_get_mm_hashes", "_parse_and_validate_multimodal_inputs"} <= set(PRIVATE.findall(sample)) & \
         vllm_private_names()
+
+
+def test_the_wheel_ships_the_plugin_only():
+    """``textscythe_dev`` (tiny models, test servers, the demo) is outside the wheel, so nothing shipped may
+    import it, and the package finder must not pick it up."""
+    import tomllib
+    from setuptools import find_packages
+
+    include = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"][
+        "find"]["include"]
+    shipped = find_packages(where=str(PACKAGE.parent), include=include)
+    assert "textscythe_vllm" in shipped and "textscythe_vllm.selectors" in shipped
+    assert not [name for name in shipped if not name.startswith("textscythe_vllm")], shipped
+    offenders = [f"{path.relative_to(PACKAGE)}: {line.strip()}" for path in PACKAGE.rglob("*.py")
+                 for line in path.read_text().splitlines() if re.search(r"\btextscythe_dev\b", line)]
+    assert not offenders, offenders

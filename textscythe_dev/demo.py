@@ -1,7 +1,7 @@
 """The main job: what the product is for, shown on this machine with real ``vllm serve`` and the plugin.
 
 1. **The question decides what is kept.** A LLaVA-1.5-shaped model hand-wired so the right answer is known (a
-   patch's visual token *is* the LLM's embedding of its colour's word; ``testing/colour_model.py``) is asked three
+   patch's visual token *is* the LLM's embedding of its colour's word; ``textscythe_dev/colour_model.py``) is asked three
    questions about one picture -- a red rectangle, a blue circle, a yellow square on black -- at the same budget,
    under an operator's system prompt. For each question the demo prints the key words TextScythe found (from the
    explain route) and how much of the asked shape was kept, and draws the kept patches.
@@ -10,7 +10,7 @@
    question per budget none / 192 / 64 in interleaved rounds, each with its own picture; the demo prints the
    median time to first token, the speed-up and the FLOP-proportional ideal it is measured against.
 
-    python -m textscythe_vllm.demo [--workdir artifacts/demo] [--rounds 3] [--llm-layers 3]
+    python -m textscythe_dev.demo [--workdir artifacts/demo] [--rounds 3] [--llm-layers 3]
 
 Writes ``demo.png`` (kept patches per question and the TTFT bars) and ``results.json`` in the work directory.
 The weights are not trained: the generated answers are meaningless; token counts, kept patches and timings are
@@ -46,9 +46,9 @@ def guidance(workdir: Path) -> list[dict[str, Any]]:
     import httpx
     import openai
 
-    from textscythe_vllm.testing.colour_model import build_colour_llava, colour_scene, shape_patches
-    from textscythe_vllm.testing.images import data_url
-    from textscythe_vllm.testing.server import VLLMServer
+    from textscythe_dev.colour_model import build_colour_llava, colour_scene, shape_patches
+    from textscythe_dev.images import data_url
+    from textscythe_dev.server import VLLMServer
 
     model_dir = workdir / "colour-llava"
     log("building the hand-wired colour model (a patch's token = its colour word's embedding) ...")
@@ -94,10 +94,10 @@ def speed(workdir: Path, rounds: int, llm_layers: int) -> dict[str, Any]:
 
     import openai
 
-    from textscythe_vllm.testing.images import data_url, scene
-    from textscythe_vllm.testing.llava_7b_shape import build_seven_b_shaped, request_flops
-    from textscythe_vllm.testing.server import VLLMServer
-    from textscythe_vllm.testing.tiny_models import build_tiny_tokenizer
+    from textscythe_dev.images import data_url, scene
+    from textscythe_dev.llava_7b_shape import build_seven_b_shaped, request_flops
+    from textscythe_dev.server import VLLMServer
+    from textscythe_dev.tiny_models import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     text_tokens = len(tokenizer.apply_chat_template(

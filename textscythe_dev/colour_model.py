@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from textscythe_vllm.testing.tiny_models import (
+from textscythe_dev.tiny_models import (
     IMAGE_SIZE,
     PATCH_SIZE,
     build_tiny_llava,

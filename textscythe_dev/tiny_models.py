@@ -16,7 +16,7 @@ chat template follows LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:`` format.
 
 Command line::
 
-    python -m textscythe_vllm.testing.tiny_models PATH [--kind llava-1.5|llava-next] [--with-weights]
+    python -m textscythe_dev.tiny_models PATH [--kind llava-1.5|llava-next] [--with-weights]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, word_vocabulary
+from textscythe_dev.word_tokenizer import build_word_tokenizer, word_vocabulary
 
 KINDS = ("llava-1.5", "llava-next")
 
@@ -300,7 +300,7 @@ def build_tiny_llava(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m textscythe_vllm.testing.tiny_models",
+        prog="python -m textscythe_dev.tiny_models",
         description="Write a tiny LLaVA-shaped checkpoint that vLLM serves on CPU.",
     )
     parser.add_argument("path", type=Path)

@@ -6,7 +6,7 @@ on anything that can differ between rank processes: RNG states (torch, numpy, Py
 number of intra-op threads. This script perturbs all of those as told, runs every case of the input file, and
 saves the kept rows (and whether the fallback was used)::
 
-    python -m textscythe_vllm.testing.selection_worker IN.pt OUT.pt --threads 2 --seed 7
+    python -m textscythe_dev.selection_worker IN.pt OUT.pt --threads 2 --seed 7
 
 ``IN.pt`` holds ``{"embedding": [V, D], "cases": [{"features", "attention", "candidates", "budget",
 "selector", "instruction"}, ...]}``; ``OUT.pt`` gets one ``{"rows": [K, D], "positions": [K], "fell_back": bool}`` per case.

@@ -2,7 +2,7 @@
 
 vLLM's offline engine spawns processes and its model registry / plugin state is process-global, so every
 configuration the equivalence tests compare (with the plugin, stock vLLM with ``VLLM_PLUGINS=``) runs in a fresh
-``python -m textscythe_vllm.testing.offline SPEC.json`` subprocess. Test side: :func:`start_runner` writes the
+``python -m textscythe_dev.offline SPEC.json`` subprocess. Test side: :func:`start_runner` writes the
 spec and starts it, :func:`finish_runner` waits and reads the results. Spec::
 
     {
@@ -35,11 +35,11 @@ Probes need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (the probe function is pickl
 
 * ``probe`` entries ``{"image": {"seed": 1}, "budget": 64, "selector": "textscythe", "instruction": [34, 9]}``
   return, for the image's pixel values from the checkpoint's HF image processor, what the plugin's LLaVA model
-  computes in the worker (:func:`textscythe_vllm.testing.worker_probe.probe_llava`): ``attention`` (the [CLS]
+  computes in the worker (:func:`textscythe_dev.worker_probe.probe_llava`): ``attention`` (the [CLS]
   attention the pruning reads, ``[N]``), ``features`` (stock ``embed_multimodal`` rows ``[N, D]``) and ``rows``
   (``embed_multimodal`` with the entry's pruning plan);
 * ``probe_items`` is a ``torch.save``'d list of ``{"pixel_values", "grid_thw"}``: the Qwen2.5-VL model's
-  ``attention`` and ``features`` for them (:func:`textscythe_vllm.testing.qwen_probe.probe_qwen2_5_vl`).
+  ``attention`` and ``features`` for them (:func:`textscythe_dev.qwen_probe.probe_qwen2_5_vl`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def start_runner(
 ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """Write ``{workdir}/{name}-spec.json`` and start the runner on it (its own process group, output in
     ``{name}.log``); returns ``(process, results path, log path)`` for :func:`finish_runner`."""
-    from textscythe_vllm.testing.server import cpu_test_env
+    from textscythe_dev.server import cpu_test_env
 
     spec = {
         "model": str(model_dir), "requests": requests, "solo": True, "probe": probe or [],
@@ -111,7 +111,7 @@ def read_selection_log(path: Path) -> list[dict[str, Any]]:
 
 
 def load_image(spec: dict[str, Any]) -> Any:
-    from textscythe_vllm.testing.images import scene
+    from textscythe_dev.images import scene
 
     return scene(int(spec["seed"]), int(spec.get("width", 336)), int(spec.get("height", 336)))
 
@@ -122,7 +122,7 @@ def build_prompt(request: dict[str, Any]) -> dict[str, Any]:
     if request.get("images"):
         data["image"] = [load_image(image) for image in request["images"]]
     if request.get("videos"):
-        from textscythe_vllm.testing.tiny_qwen import tiny_video
+        from textscythe_dev.tiny_qwen import tiny_video
 
         data["video"] = [
             tiny_video(int(v["seed"]), int(v["frames"]), int(v["width"]), int(v["height"])) for v in request["videos"]
@@ -167,7 +167,7 @@ def generation_entries(requests: list[dict[str, Any]], outputs: list[Any]) -> li
 def run_llava_probe(llm: Any, model_dir: str, probe: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from transformers import AutoProcessor
 
-    from textscythe_vllm.testing.worker_probe import probe_llava
+    from textscythe_dev.worker_probe import probe_llava
 
     image_processor = AutoProcessor.from_pretrained(model_dir).image_processor
     items = [
@@ -186,7 +186,7 @@ def run_llava_probe(llm: Any, model_dir: str, probe: list[dict[str, Any]]) -> li
 def run_qwen_probe(llm: Any, items_path: str) -> list[dict[str, Any]]:
     import torch
 
-    from textscythe_vllm.testing.qwen_probe import probe_qwen2_5_vl
+    from textscythe_dev.qwen_probe import probe_qwen2_5_vl
 
     (results,) = llm.apply_model(functools.partial(probe_qwen2_5_vl, items=torch.load(items_path)))
     return results
@@ -248,5 +248,5 @@ def main(spec_path: str) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m textscythe_vllm.testing.offline SPEC.json")
+        raise SystemExit("usage: python -m textscythe_dev.offline SPEC.json")
     raise SystemExit(main(sys.argv[1]))

@@ -9,7 +9,7 @@ LLM -- at a tiny width and depth (tower: 2 layers of width 64; LLM: 2 layers of 
 
 ``with_weights=False`` writes config, tokenizer and processor only (serve with ``--load-format dummy``);
 ``with_weights=True`` also saves random, seeded float32 weights. Nothing is downloaded. The tokenizer is the
-word-level vocabulary of :mod:`textscythe_vllm.testing.word_tokenizer` with Qwen's turn tokens plus ``<image>``
+word-level vocabulary of :mod:`textscythe_dev.word_tokenizer` with Qwen's turn tokens plus ``<image>``
 and ``<video>``; the chat template renders (images and videos where they appear in the content)::
 
     <|im_start|>user
@@ -19,7 +19,7 @@ and ``<video>``; the chat template renders (images and videos where they appear 
 
 Command line::
 
-    python -m textscythe_vllm.testing.tiny_onevision PATH [--with-weights]
+    python -m textscythe_dev.tiny_onevision PATH [--with-weights]
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import argparse
 import json
 from pathlib import Path
 
-from textscythe_vllm.testing.tiny_models import restore_vision_model_prefix
-from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
+from textscythe_dev.tiny_models import restore_vision_model_prefix
+from textscythe_dev.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
 
 UNK_TOKEN = "<unk>"
 ENDOFTEXT = "<|endoftext|>"
@@ -141,7 +141,7 @@ def build_tiny_onevision(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m textscythe_vllm.testing.tiny_onevision")
+    parser = argparse.ArgumentParser(prog="python -m textscythe_dev.tiny_onevision")
     parser.add_argument("path", type=Path)
     parser.add_argument("--with-weights", action="store_true")
     parser.add_argument("--seed", type=int, default=0)

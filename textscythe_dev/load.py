@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from textscythe_vllm.testing.images import scene, user_message
+from textscythe_dev.images import scene, user_message
 
 QUESTIONS = (
     "what colour is the umbrella next to the red car ?",

@@ -13,7 +13,7 @@ M-RoPE in the LLM (``mrope_section``) and the Qwen special tokens -- at a tiny w
 HF-vs-vLLM equivalence tests, with sharpened attention (:func:`sharpen_attention`) and ``rope_theta`` 10,000 so
 that outputs depend clearly on positions. Nothing is downloaded.
 
-The tokenizer is the word-level vocabulary of :mod:`textscythe_vllm.testing.tiny_models` plus Qwen's special
+The tokenizer is the word-level vocabulary of :mod:`textscythe_dev.tiny_models` plus Qwen's special
 tokens (``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>``, ``<|image_pad|>``, ``<|video_pad|>``, ...), and
 the chat template renders Qwen2.5-VL's format (without the default system prompt)::
 
@@ -23,7 +23,7 @@ the chat template renders Qwen2.5-VL's format (without the default system prompt
 
 Command line::
 
-    python -m textscythe_vllm.testing.tiny_qwen PATH [--with-weights]
+    python -m textscythe_dev.tiny_qwen PATH [--with-weights]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import argparse
 import json
 from pathlib import Path
 
-from textscythe_vllm.testing.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
+from textscythe_dev.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
 
 UNK_TOKEN = "<unk>"
 ENDOFTEXT = "<|endoftext|>"
@@ -142,11 +142,11 @@ def build_processor(tokenizer):
 
 
 def tiny_video(seed: int, num_frames: int = 8, width: int = 168, height: int = 112, fps: float = 2.0):
-    """``(frames [T, H, W, 3] uint8, metadata)``: a deterministic clip of :func:`~textscythe_vllm.testing.images.scene`
+    """``(frames [T, H, W, 3] uint8, metadata)``: a deterministic clip of :func:`~textscythe_dev.images.scene`
     pictures (a new scene every frame), in the ``(video, metadata)`` form vLLM's Qwen2.5-VL parser expects."""
     import numpy as np
 
-    from textscythe_vllm.testing.images import scene
+    from textscythe_dev.images import scene
 
     frames = np.stack([np.asarray(scene(seed * 1000 + index, width, height)) for index in range(num_frames)])
     metadata = {
@@ -206,7 +206,7 @@ def build_tiny_qwen2_5_vl(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m textscythe_vllm.testing.tiny_qwen")
+    parser = argparse.ArgumentParser(prog="python -m textscythe_dev.tiny_qwen")
     parser.add_argument("path", type=Path)
     parser.add_argument("--with-weights", action="store_true")
     parser.add_argument("--seed", type=int, default=0)

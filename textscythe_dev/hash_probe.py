@@ -1,4 +1,4 @@
-"""``python -m textscythe_vllm.testing.hash_probe OUT.json DIR [DIR ...]``: the multimodal hashes and placeholder
+"""``python -m textscythe_dev.hash_probe OUT.json DIR [DIR ...]``: the multimodal hashes and placeholder
 counts vLLM's processor gives requests without a budget, for each checkpoint directory -- with the plugin, or with
 stock vLLM when run under ``VLLM_PLUGINS=`` (the plugin's processor then never loads).
 
@@ -21,8 +21,8 @@ def probe(model_dir: str) -> dict[str, Any]:
     from vllm.multimodal.processing import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
 
-    from textscythe_vllm.testing.images import scene
-    from textscythe_vllm.testing.tiny_qwen import tiny_video
+    from textscythe_dev.images import scene
+    from textscythe_dev.tiny_qwen import tiny_video
 
     config = ModelConfig(model=model_dir, limit_mm_per_prompt={"image": 2, "video": 1})
     processor = MULTIMODAL_REGISTRY.create_processor(config)

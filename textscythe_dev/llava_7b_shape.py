@@ -71,7 +71,7 @@ def derive_vision_layers(llm_layers: int, text_tokens: int, num_visual: int, vie
 
 
 def seven_b_configs(llm_layers: int, vision_layers: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(text_config, vision_config)`` overrides for :func:`~textscythe_vllm.testing.tiny_models.build_tiny_llava`:
+    """``(text_config, vision_config)`` overrides for :func:`~textscythe_dev.tiny_models.build_tiny_llava`:
     Vicuna-7B's and CLIP-L's widths, ``llm_layers`` LLM layers and ``vision_layers`` CLIP layers run."""
     text = {k: REAL_TEXT[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                                       "head_dim")}
@@ -85,7 +85,7 @@ def seven_b_configs(llm_layers: int, vision_layers: int) -> tuple[dict[str, Any]
 def build_seven_b_shaped(directory: Path, llm_layers: int, text_tokens: int, kind: str = "llava-1.5") -> Path:
     """A LLaVA-1.5-7B-shaped checkpoint (config only: serve with ``--load-format dummy``) with ``llm_layers`` LLM
     layers and the CLIP depth that keeps the real vision:LLM FLOP ratio for a ``text_tokens``-token question."""
-    from textscythe_vllm.testing.tiny_models import build_tiny_llava
+    from textscythe_dev.tiny_models import build_tiny_llava
 
     views, num_visual = (1, 576) if kind == "llava-1.5" else (5, 2928)
     text, vision = seven_b_configs(llm_layers, derive_vision_layers(llm_layers, text_tokens, num_visual, views))

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from textscythe_vllm.testing.server import free_port
+from textscythe_dev.server import free_port
 
 
 class PrometheusServer:
