@@ -6,8 +6,10 @@
   LLaVA-1.5 (dummy weights, so accuracy is meaningless; the table, the settings and the prompt-token counts
   are what is checked) on ``easy-vqa``.
 * ``benchmarks/selector_overhead.py``: a tiny vision tower and tiny sizes, checking the report's shape.
-* ``benchmarks/serving.py``: the FLOP model and the scaling rule; ``--quick`` end to end against a real
-  ``vllm serve`` of the tiny LLaVA-1.5 (the report's structure and every request's prompt-token count).
+* ``benchmarks/serving.py`` (the entry script of ``benchmarks/serving_bench/``): the FLOP model and the scaling
+  rule, the metric deltas from two ``/metrics`` scrapes, ``--reanalyse`` reproducing the stored tables; ``--quick``
+  end to end against a real ``vllm serve`` of the tiny LLaVA-1.5 (the report's structure and every request's
+  prompt-token count).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def _load_script(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _serving(module: str):
+    """A module of the ``benchmarks/serving_bench`` package, imported the way ``benchmarks/serving.py`` does."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(f"serving_bench.{module}")
 
 
 def _require(module: str) -> None:
@@ -219,7 +228,9 @@ def test_eval_openai_against_tiny_server(tiny_llava_dir: Path, tmp_path: Path) -
 
 
 def test_serving_flop_model_and_arguments() -> None:
-    script = _load_script("serving")
+    script = _load_script("serving")  # the documented entry script: the package's command line
+    cli, flops, analysis = _serving("cli"), _serving("flops"), _serving("analysis")
+    assert (script.main, script.parse_args) == (cli.main, cli.parse_args)
     defaults = script.parse_args([])
     assert (defaults.shape, defaults.budgets, defaults.concurrency, defaults.llm_layers) == (
         "llava-1.5", [192, 128, 64], [1, 4, 16], 3)
@@ -234,18 +245,63 @@ def test_serving_flop_model_and_arguments() -> None:
     with pytest.raises(SystemExit):
         script.parse_args(["--budgets", "0"])
     # LLaVA-1.5-7B: ~0.39 TFLOPs of vision (23 CLIP-L layers + projector) next to ~8 TFLOPs of LLM prefill
-    real = script.request_flops(36, 576, 1, script.REAL_TEXT, script.REAL_VISION, 23)
+    real = flops.request_flops(36, 576, 1, flops.REAL_TEXT, flops.REAL_VISION, 23)
     assert 0.35e12 < real["vision_tower"] + real["projector"] < 0.42e12
     assert 7.5e12 < real["llm_gemm"] + real["llm_attention"] < 8.5e12
-    pruned = script.request_flops(36, 64, 1, script.REAL_TEXT, script.REAL_VISION, 23)
+    pruned = flops.request_flops(36, 64, 1, flops.REAL_TEXT, flops.REAL_VISION, 23)
     assert 0.19 < pruned["total"] / real["total"] < 0.22
     # the scaling rule: with 3 of 32 LLM layers one CLIP layer keeps the vision/LLM balance best (within 15%)
-    assert script.derive_vision_layers(3, 36, 576, 1) == 1
-    assert script.derive_vision_layers(6, 36, 576, 1) == 3
-    served = {**script.REAL_TEXT, "num_hidden_layers": 3}
-    ratio = script.vision_llm_ratio(36, 576, 1, served, script.REAL_VISION, 1)
-    assert abs(ratio / script.vision_llm_ratio(36, 576, 1, script.REAL_TEXT, script.REAL_VISION, 23) - 1) < 0.15
-    assert script.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and script.percentile([], 95) is None
+    assert flops.derive_vision_layers(3, 36, 576, 1) == 1
+    assert flops.derive_vision_layers(6, 36, 576, 1) == 3
+    assert flops.served_configs("llava-1.5", 3, None, 36)[2] == 1
+    assert flops.expected_visual_tokens("llava-next") == (2928, 5)
+    served = {**flops.REAL_TEXT, "num_hidden_layers": 3}
+    ratio = flops.vision_llm_ratio(36, 576, 1, served, flops.REAL_VISION, 1)
+    assert abs(ratio / flops.vision_llm_ratio(36, 576, 1, flops.REAL_TEXT, flops.REAL_VISION, 23) - 1) < 0.15
+    scaling = flops.scaling(flops.Served(Path(), served, flops.REAL_VISION, 1, 1, 576, 36))
+    assert scaling["ratio_mismatch"] == pytest.approx(ratio / scaling["vision_to_llm_flops_real"])
+    assert analysis.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and analysis.percentile([], 95) is None
+
+
+def test_serving_metric_deltas_from_two_scrapes() -> None:
+    """The per-request deltas come from two ``/metrics`` texts parsed by ``prometheus_client.parser``
+    (``textscythe_dev.load.metric_samples``), the selector's samples picked by their label."""
+    from textscythe_dev.load import metric_samples
+
+    client = _serving("client")
+
+    def exposition(prefill: float, count: int, uniform: float) -> str:
+        lines = []
+        for name, value in ((client.PREFILL, prefill), (client.QUEUE, 0.01 * count), (client.DECODE, 0.5 * count)):
+            lines += [f"# TYPE {name} histogram", f'{name}_bucket{{le="+Inf",model_name="m"}} {count}',
+                      f'{name}_count{{model_name="m"}} {count}', f'{name}_sum{{model_name="m"}} {value}']
+        selector = client.SELECTOR_LATENCY
+        lines += [f"# TYPE {selector} histogram"]
+        for label, value, selections in (("textscythe", 0.002 * count, count), ("uniform", uniform, 1)):
+            lines += [f'{selector}_bucket{{le="+Inf",selector="{label}"}} {selections}',
+                      f'{selector}_count{{selector="{label}"}} {selections}',
+                      f'{selector}_sum{{selector="{label}"}} {value}']
+        return "\n".join(lines) + "\n"
+
+    before, after = metric_samples(exposition(1.0, 3, 0.1)), metric_samples(exposition(1.25, 4, 0.1))
+    delta = client.deltas(before, after, "textscythe")
+    assert delta == pytest.approx({"prefill_s": 0.25, "queue_s": 0.01, "decode_s": 0.5, "selector_s": 0.002,
+                                   "selections": 1, "finished": 1})
+    assert client.deltas(before, after, "uniform")["selector_s"] == 0
+
+
+def test_serving_reanalyse_reproduces_the_stored_tables(tmp_path: Path) -> None:
+    """``serving.py --reanalyse``: no server; the stored reports' tables and analysis come back unchanged."""
+    for name in ("serving", "serving_next"):
+        stored = BENCHMARKS / "results" / f"{name}.json"
+        out = tmp_path / f"{name}.json"
+        command = [sys.executable, str(BENCHMARKS / "serving.py"), "--reanalyse", str(stored), "--no-plot",
+                   "--out", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert out.with_suffix(".md").read_text() == stored.with_suffix(".md").read_text()
+        assert json.loads(out.read_text()) == json.loads(stored.read_text())
+        assert "| budget | prompt tokens | TTFT |" in done.stdout
 
 
 @pytest.mark.server

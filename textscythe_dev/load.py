@@ -7,7 +7,8 @@
 * :func:`process_group` / :func:`rss_kib`: the ``vllm serve`` process tree (API server, engine core, workers: the
   server is started in its own session, so they share its process group) and their resident memory, read
   from ``/proc``.
-* :func:`metric_values` / :func:`metric_sum`: samples of one metric from a Prometheus text exposition.
+* :func:`metric_samples` / :func:`metric_values` / :func:`metric_sum`: a Prometheus text exposition, parsed by
+  ``prometheus_client.parser`` (the repository's one parser: the tests and ``benchmarks/serving.py``).
 """
 
 from __future__ import annotations
@@ -224,18 +225,29 @@ def sample_rss(pgid: int, label: str) -> RssSample:
 # --- Prometheus text ----------------------------------------------------------------------------------------
 
 
-def metric_values(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """``(labels, value)`` of every sample named ``name`` in a Prometheus text exposition (parsed by
-    ``prometheus_client.parser``; counters' samples carry their ``_total`` suffix)."""
+Sample = tuple[str, dict[str, str], float]  # (sample name, labels, value)
+
+
+def metric_samples(text: str) -> list[Sample]:
+    """Every sample of a Prometheus text exposition as ``(name, labels, value)``, parsed by
+    ``prometheus_client.parser`` (the one parser; counters' samples carry their ``_total`` suffix). Parse a
+    scrape once and pass the samples to :func:`metric_values` / :func:`metric_sum` to read it many times."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return [(dict(sample.labels), float(sample.value)) for family in text_string_to_metric_families(text)
-            for sample in family.samples if sample.name == name]
+    return [(sample.name, dict(sample.labels), float(sample.value)) for family in text_string_to_metric_families(text)
+            for sample in family.samples]
 
 
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    return sum(value for sample_labels, value in metric_values(text, name)
+def metric_values(exposition: str | Sequence[Sample], name: str) -> list[tuple[dict[str, str], float]]:
+    """``(labels, value)`` of every sample named ``name`` in a Prometheus text exposition, or in its
+    :func:`metric_samples`."""
+    samples = metric_samples(exposition) if isinstance(exposition, str) else exposition
+    return [(labels, value) for sample_name, labels, value in samples if sample_name == name]
+
+
+def metric_sum(exposition: str | Sequence[Sample], name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (text or :func:`metric_samples`)."""
+    return sum(value for sample_labels, value in metric_values(exposition, name)
                if all(sample_labels.get(key) == wanted for key, wanted in labels.items()))
 
 
