@@ -35,7 +35,7 @@ if str(BENCHMARKS_DIR) not in sys.path:
 
 from _report import REPO_ROOT, pyplot, save_figure, show, write_report  # noqa: E402
 
-from textscythe_vllm.pruning import ClsAttentionProbe, mean_received_attention  # noqa: E402
+from textscythe_vllm.probes import ClsAttentionProbe, mean_received_attention  # noqa: E402
 
 CASES = [  # (family, probe, views, tokens per view, heads, head dim)
     ("LLaVA-1.5 (CLIP-L, 576)", "cls", 1, 577, 16, 64),

@@ -8,7 +8,7 @@ In one process, on the same inputs, time
   only up to the feature layer (the penultimate, ``vision_feature_layer=-2``: 23 layers; ``--full-tower``
   runs all 24): 1 view of 336 px for N = 576 (LLaVA-1.5), 5 views for N = 2880 (LLaVA-NeXT's base image
   plus 4 tiles);
-* **attention**: the plugin's [CLS]-attention probe (``textscythe_vllm.pruning.ClsAttentionProbe``):
+* **attention**: the plugin's [CLS]-attention probe (``textscythe_vllm.probes.ClsAttentionProbe``):
   ``softmax(q_cls . K^T / sqrt(d))`` averaged over heads, on the feature layer's query and key projections,
   which forward hooks capture from the tower's own pass (nothing is recomputed, as in the plugin's hook on
   vLLM's fused QKV projection), [CLS] column dropped;

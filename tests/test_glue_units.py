@@ -16,21 +16,21 @@ from textscythe_vllm.instruction import (
     find_subsequence,
     instruction_token_ids,
 )
-from textscythe_vllm.processing import ImagePlan, prune_prompt_update, strip_private_kwargs
+from textscythe_vllm.processing import ItemPlan, prune_prompt_update, strip_private_kwargs
 from textscythe_vllm.request import PruningRequest, PruningRequestError
 from textscythe_vllm.selectors import available_selectors
 
 
 def test_plan_roundtrip_and_cache_key():
-    plan = ImagePlan(budget=64, selector="textscythe", instruction=(5, 9, 11))
-    assert ImagePlan.decode(plan.encode()) == plan
-    other_question = ImagePlan(budget=64, selector="textscythe", instruction=(5, 9, 12))
-    other_budget = ImagePlan(budget=65, selector="textscythe", instruction=(5, 9, 11))
-    other_selector = ImagePlan(budget=64, selector="divprune", instruction=(5, 9, 11))
+    plan = ItemPlan(budget=64, selector="textscythe", instruction=(5, 9, 11))
+    assert ItemPlan.decode(plan.encode()) == plan
+    other_question = ItemPlan(budget=64, selector="textscythe", instruction=(5, 9, 12))
+    other_budget = ItemPlan(budget=65, selector="textscythe", instruction=(5, 9, 11))
+    other_selector = ItemPlan(budget=64, selector="divprune", instruction=(5, 9, 11))
     keys = {p.cache_key() for p in (plan, other_question, other_budget, other_selector)}
     assert len(keys) == 4
     for name in available_selectors():
-        assert ImagePlan.decode(ImagePlan(3, name, ()).encode()).selector == name
+        assert ItemPlan.decode(ItemPlan(3, name, ()).encode()).selector == name
 
 
 def test_request_parsing():
@@ -43,7 +43,7 @@ def test_request_parsing():
         assert caught.value.param == "visual_token_budget"
     with pytest.raises(PruningRequestError):
         PruningRequest.from_kwargs({"visual_token_budget": 3, "visual_token_selector": "nope"})
-    assert strip_private_kwargs({"visual_token_budget": 3, "size": 1, "_textscythe_plans": ()}) == {"size": 1}
+    assert strip_private_kwargs({"visual_token_budget": 3, "size": 1, "_textscythe_request": "t"}) == {"size": 1}
 
 
 def test_find_subsequence():
@@ -113,7 +113,7 @@ def _features(n: int = 48, d: int = 16, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("selector", available_selectors())
 def test_choose_rows_count_and_rows(selector):
     features = _features()
-    plan = ImagePlan(budget=10, selector=selector, instruction=())
+    plan = ItemPlan(budget=10, selector=selector, instruction=())
     rows = pruning.choose_rows(features, torch.rand(48), features[:3], plan)
     assert rows.shape == (10, 16)
     if selector not in ("visionzip", "visiondrop"):  # pure pruning: rows are input rows, in position order
@@ -123,7 +123,7 @@ def test_choose_rows_count_and_rows(selector):
 
 def test_merging_selector_rows_reach_the_model():
     features = _features()
-    rows = pruning.choose_rows(features, torch.rand(48), features[:0], ImagePlan(12, "visionzip", ()))
+    rows = pruning.choose_rows(features, torch.rand(48), features[:0], ItemPlan(12, "visionzip", ()))
     is_input_row = [(features == row).all(dim=1).any() for row in rows]
     assert not all(is_input_row), "visionzip's merged contextual rows must be returned, not input rows"
 
@@ -134,11 +134,11 @@ def test_layout_rows_are_not_selected_until_image_rows_run_out():
     candidates[torch.arange(7, 40, 8)] = False  # 5 "newline" rows at 7, 15, 23, 31, 39
     newline_rows = set(range(7, 40, 8))
     for selector in ("textscythe", "uniform", "divprune"):
-        rows = pruning.choose_rows(features, torch.rand(40), features[:2], ImagePlan(20, selector, ()), candidates)
+        rows = pruning.choose_rows(features, torch.rand(40), features[:2], ItemPlan(20, selector, ()), candidates)
         kept = {int((features == row).all(dim=1).nonzero()) for row in rows}
         assert len(kept) == 20 and not kept & newline_rows
     # 35 image rows, budget 37: all image rows + the two earliest newline rows.
-    rows = pruning.choose_rows(features, None, features[:0], ImagePlan(37, "textscythe", ()), candidates)
+    rows = pruning.choose_rows(features, None, features[:0], ItemPlan(37, "textscythe", ()), candidates)
     kept = sorted(int((features == row).all(dim=1).nonzero()) for row in rows)
     assert kept == sorted(set(range(40)) - {23, 31, 39})
 
@@ -148,12 +148,12 @@ def test_selection_failure_falls_back_deterministically(monkeypatch):
     fallbacks = pruning.metrics.setup_worker_metrics("unit-test").fallbacks.labels("unit-test", "textscythe")
     before = fallbacks._value.get()
     monkeypatch.setenv(pruning.FAULT_INJECTION_ENV, "1")
-    first = pruning.choose_rows(features, None, features[:2], ImagePlan(9, "textscythe", ()))
-    second = pruning.choose_rows(features, None, features[:2], ImagePlan(9, "textscythe", ()))
+    first = pruning.choose_rows(features, None, features[:2], ItemPlan(9, "textscythe", ()))
+    second = pruning.choose_rows(features, None, features[:2], ItemPlan(9, "textscythe", ()))
     assert first.shape == (9, 16) and torch.equal(first, second)
     assert fallbacks._value.get() == before + 2
     monkeypatch.delenv(pruning.FAULT_INJECTION_ENV)
-    uniform = pruning.choose_rows(features, None, features[:0], ImagePlan(9, "uniform", ()))
+    uniform = pruning.choose_rows(features, None, features[:0], ItemPlan(9, "uniform", ()))
     assert torch.equal(first, uniform)
 
 
@@ -164,22 +164,22 @@ def test_attention_or_layout_of_another_length_takes_the_fallback(attention_rows
     before = fallbacks._value.get()
     attention = None if attention_rows is None else torch.rand(attention_rows)
     candidates = None if layout_rows is None else torch.ones(layout_rows, dtype=torch.bool)
-    rows = pruning.choose_rows(features, attention, features[:2], ImagePlan(9, "textscythe", ()), candidates)
+    rows = pruning.choose_rows(features, attention, features[:2], ItemPlan(9, "textscythe", ()), candidates)
     assert fallbacks._value.get() == before + 1
-    uniform = pruning.choose_rows(features, None, features[:0], ImagePlan(9, "uniform", ()))
+    uniform = pruning.choose_rows(features, None, features[:0], ItemPlan(9, "uniform", ()))
     assert torch.equal(rows, uniform)  # the fallback over all rows, not over a prefix the layout covers
 
 
 def test_prune_items_leaves_unpruned_items_alone():
     items = [_features(30, seed=1), _features(30, seed=2)]
-    plans = [ImagePlan(0, "", ()), ImagePlan(8, "textscythe", (1, 2))]
+    plans = [ItemPlan(0, "", ()), ItemPlan(8, "textscythe", (1, 2))]
     table = torch.randn(10, 16)
     out = pruning.prune_items(items, [None, torch.rand(30)], plans, lambda ids: table[ids])
     assert out[0] is items[0] and out[1].shape == (8, 16)
 
 
 def test_decode_plans_of_unpruned_batch_is_none():
-    packed = [ImagePlan(0, "", ()).encode(), ImagePlan(0, "", ()).encode()]
+    packed = [ItemPlan(0, "", ()).encode(), ItemPlan(0, "", ()).encode()]
     assert pruning.decode_plans(packed, 2) is None
     assert pruning.decode_plans(None, 0) is None
     with pytest.raises(RuntimeError):
@@ -326,7 +326,7 @@ def test_selector_returning_the_wrong_row_count_takes_the_uniform_fallback(monke
     counter = _CountingFallbacks()
     monkeypatch.setattr(metrics, "_worker_metrics", counter)
     features, text = torch.randn(30, 16), torch.randn(3, 16)
-    rows, positions = pruning.choose_rows_and_positions(features, torch.rand(30), text, ImagePlan(8, "textscythe", (5,)))
+    rows, positions = pruning.choose_rows_and_positions(features, torch.rand(30), text, ItemPlan(8, "textscythe", (5,)))
     expected = real("uniform").select(features, text[:0], None, 8).indices
     assert torch.equal(positions, expected) and torch.equal(rows, features[expected])
     assert counter.fallbacks == ["textscythe"]
@@ -342,7 +342,7 @@ def test_failing_fallback_keeps_the_first_k_rows(monkeypatch, caplog):
     counter = _CountingFallbacks()
     monkeypatch.setattr(metrics, "_worker_metrics", counter)
     features = torch.randn(30, 16)
-    rows, positions = pruning.choose_rows_and_positions(features, None, torch.randn(2, 16), ImagePlan(8, "divprune", ()))
+    rows, positions = pruning.choose_rows_and_positions(features, None, torch.randn(2, 16), ItemPlan(8, "divprune", ()))
     assert torch.equal(positions, torch.arange(8)) and torch.equal(rows, features[:8])
     assert counter.fallbacks == ["divprune"]
     assert "fallback selector failed; keeping the first 8 rows" in caplog.text

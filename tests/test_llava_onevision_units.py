@@ -12,7 +12,7 @@ from torch import Tensor
 
 from textscythe_dev import tiny_onevision
 from textscythe_dev.images import scene
-from textscythe_vllm import pruning
+from textscythe_vllm import probes
 from textscythe_vllm.models import llava_onevision as onevision
 
 
@@ -35,11 +35,11 @@ def _dense_mean_received(qkv: Tensor, heads: int, head_dim: int) -> Tensor:
 
 @pytest.mark.parametrize("block_elements", [1 << 24, 1000])  # one block per view, or many query chunks
 def test_mean_attention_probe_equals_dense(monkeypatch, block_elements):
-    monkeypatch.setattr(pruning, "PROBE_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(probes, "PROBE_BLOCK_ELEMENTS", block_elements)
     heads, head_dim, batch, length = 2, 32, 3, 729
     generator = torch.Generator().manual_seed(0)
     qkv = 3 * torch.randn(batch, length, 3 * heads * head_dim, generator=generator)
-    probe = pruning.MeanAttentionProbe(_FakeSiglipAttention(heads, head_dim))
+    probe = probes.MeanAttentionProbe(_FakeSiglipAttention(heads, head_dim))
     scores = probe.scores(qkv)
     expected = _dense_mean_received(qkv, heads, head_dim)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-8)
@@ -48,7 +48,7 @@ def test_mean_attention_probe_equals_dense(monkeypatch, block_elements):
 
 
 def test_probe_is_captured_from_the_qkv_hook():
-    probe = pruning.MeanAttentionProbe(_FakeSiglipAttention(2, 32))
+    probe = probes.MeanAttentionProbe(_FakeSiglipAttention(2, 32))
     qkv = torch.randn(2, 50, 192, generator=torch.Generator().manual_seed(1))
     probe._attention.qkv_proj(qkv)  # outside capture(): ignored
     with probe.capture() as captured:

@@ -11,8 +11,10 @@ import torch
 
 from textscythe_dev.images import scene
 from textscythe_dev.tiny_qwen import tiny_video
+from textscythe_vllm import probes
 from textscythe_vllm.models import qwen2_5_vl as qwen
-from textscythe_vllm.processing import ImagePlan, plan_field
+from textscythe_vllm.probes import RotaryAttentionProbe
+from textscythe_vllm.processing import ItemPlan, plan_field
 from textscythe_vllm.request import PruningRequestError
 
 
@@ -166,18 +168,14 @@ def _probe_for(grid_thw, heads=2, head_dim=8, window_size=112):
 
     visual = SimpleNamespace(window_size=window_size, patch_size=14, spatial_merge_size=2, spatial_merge_unit=4)
     visual.get_window_index_thw = lambda t, h, w: Qwen2_5_VisionTransformer.get_window_index_thw(visual, t, h, w)
-    probe = object.__new__(qwen.VisionAttentionProbe)
-    probe.visual, probe.local_heads, probe.head_dim, probe.tp_size = visual, heads, head_dim, 1
-    probe.scale = head_dim**-0.5
+    probe = RotaryAttentionProbe(torch.nn.Identity(), local_heads=heads, head_dim=head_dim, tp_size=1)
     probe._segments = [h * w for t, h, w in grid_thw for _ in range(t)]
     return probe, visual
 
 
 @pytest.mark.parametrize("block_elements", [1 << 24, 97])  # one block per sequence, or many small query chunks
 def test_probe_equals_dense_attention_in_raster_order(monkeypatch, block_elements):
-    from textscythe_vllm import pruning
-
-    monkeypatch.setattr(pruning, "PROBE_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(probes, "PROBE_BLOCK_ELEMENTS", block_elements)
     grid_thw = [[1, 8, 12], [2, 4, 6]]  # an image (windows of 4x4 merged rows) and a 2-step video
     probe, visual = _probe_for(grid_thw)
     generator = torch.Generator().manual_seed(0)
@@ -200,8 +198,8 @@ def test_probe_equals_dense_attention_in_raster_order(monkeypatch, block_element
         index, _ = visual.get_window_index_thw(t, h, w)
         window_q.append(q.reshape(-1, 4, 2, 8)[index].reshape(-1, 2, 8))
         window_k.append(k.reshape(-1, 4, 2, 8)[index].reshape(-1, 2, 8))
-    patches = probe._received_attention(torch.cat(window_q), torch.cat(window_k))
-    got = probe.item_attention(patches, grid_thw)
+    patches = probe.scores(torch.stack([torch.cat(window_q), torch.cat(window_k)]))
+    got = qwen.merged_row_attention(visual, patches, grid_thw)
     for item, want in zip(got, expected, strict=True):
         torch.testing.assert_close(item, want, atol=1e-7, rtol=1e-5)
 
@@ -254,7 +252,7 @@ def test_processor_gives_each_item_min_budget_placeholders_and_a_plan(processor)
         ids = result["prompt_token_ids"]
         start = result["mm_placeholders"]["video"][0].offset
         assert ids[start - 1] == 4 and ids[start + kept] == 5
-        plans = {m: ImagePlan.decode(result["mm_kwargs"][m][0][plan_field(m)].data) for m in ("image", "video")}
+        plans = {m: ItemPlan.decode(result["mm_kwargs"][m][0][plan_field(m)].data) for m in ("image", "video")}
         assert {plan.budget for plan in plans.values()} == {budget}
         assert {plan.selector for plan in plans.values()} == {"cls_attention"}
         words = tokenizer.convert_ids_to_tokens
@@ -282,7 +280,7 @@ def test_processor_hashes_and_no_budget_path(processor):
     assert other_question["mm_hashes"]["video"] == pruned["mm_hashes"]["video"]
     assert other_question["mm_hashes"]["image"] != pruned["mm_hashes"]["image"]
     # without a budget every item carries an unpruned plan and stock placeholders
-    assert ImagePlan.decode(full["mm_kwargs"]["video"][0][plan_field("video")].data).budget == 0
+    assert ItemPlan.decode(full["mm_kwargs"]["video"][0][plan_field("video")].data).budget == 0
 
 
 def test_bad_budget_and_evs_are_refused(processor, monkeypatch):

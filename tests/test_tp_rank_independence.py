@@ -148,9 +148,9 @@ def _shard_qkv(qkv: torch.Tensor, rank: int, tp_size: int, heads: int, head_dim:
 
 @pytest.mark.parametrize("probe_name", ["ClsAttentionProbe", "MeanAttentionProbe"])  # CLIP [CLS]; SigLIP mean
 def test_tower_attention_all_reduces_head_sums_across_ranks(monkeypatch: pytest.MonkeyPatch, probe_name) -> None:
-    from textscythe_vllm import _vllm, pruning
+    from textscythe_vllm import _vllm, probes
 
-    probe_class = getattr(pruning, probe_name)
+    probe_class = getattr(probes, probe_name)
 
     heads, head_dim, batch, seq_len, tp_size = 4, 16, 2, 577, 2
     qkv = torch.randn(batch, seq_len, 3 * heads * head_dim, generator=torch.Generator().manual_seed(5))

@@ -18,14 +18,17 @@ def probe_qwen2_5_vl(model: Any, items: list[dict[str, Any]]) -> list[dict[str, 
     import torch
     from vllm.model_executor.layers.fusion.mm_input_norm import IdentityInputNorm
 
+    from textscythe_vllm.models.qwen2_5_vl import merged_row_attention
+
     device = next(model.parameters()).device
     key = "pixel_values" if isinstance(model.visual.input_norm, IdentityInputNorm) else "raw_pixel_values"
     results = []
     with torch.inference_mode():
         for item in items:
             grid = [[int(v) for v in row] for row in item["grid_thw"].tolist()]
-            with model.attention_probe.capture(grid) as captured:
+            segments = [h * w for t, h, w in grid for _ in range(t)]
+            with model.attention_probe.capture_segments(segments) as captured:
                 features = model.visual(item[key].to(device), grid_thw=grid)
-            attention = model.attention_probe.item_attention(captured[-1], grid)[0]
+            attention = merged_row_attention(model.visual, captured[-1], grid)[0]
             results.append({"attention": attention.float().cpu().tolist(), "features": features.float().cpu().tolist()})
     return results

@@ -126,9 +126,13 @@ def __getattr__(name: str) -> Any:
 
 
 # --- private model methods the families call -------------------------------------------------------------------
-def parse_multimodal_inputs(model: Any, **kwargs: object) -> Any:
-    """The model's own parsing of ``embed_multimodal``'s kwargs into per-modality inputs (in kwargs order)."""
-    return model._parse_and_validate_multimodal_inputs(**kwargs)
+def parse_multimodal_inputs(model: Any, **kwargs: object) -> dict[str, Any]:
+    """The model's own parsing of ``embed_multimodal``'s kwargs into ``{modality: parsed input}`` (in kwargs
+    order); image-only models (LLaVA, LLaVA-NeXT) parse their one modality."""
+    parse = getattr(model, "_parse_and_validate_multimodal_inputs", None)
+    if parse is None:
+        return {"image": model._parse_and_validate_image_input(**kwargs)}
+    return parse(**kwargs)
 
 
 def image_features(model: Any, image_input: Any) -> Any:
@@ -157,30 +161,21 @@ class ProcessorHooks:
     def _get_mm_hashes(self, inputs: Any) -> Any:
         return self.item_hashes(inputs, super()._get_mm_hashes)  # type: ignore[attr-defined, misc]
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
-        return super()._call_hf_processor(hf_data, self.hf_kwargs(hf_kwargs))  # type: ignore[attr-defined, misc]
-
     def _postprocess_hf_mm_data(self, mm_inputs: Any, hf_processor_mm_kwargs: Any, processed_data: Any) -> Any:
-        processed = super()._postprocess_hf_mm_data(  # type: ignore[misc]
-            mm_inputs, self.hf_kwargs(hf_processor_mm_kwargs), processed_data  # type: ignore[attr-defined]
-        )
-        return self.add_plan_fields(processed, hf_processor_mm_kwargs)  # type: ignore[attr-defined]
+        processed = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)  # type: ignore[misc]
+        return self.add_plan_fields(processed)  # type: ignore[attr-defined]
 
     def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
-        fields = super()._get_mm_fields_config(  # type: ignore[misc]
-            hf_inputs, self.hf_kwargs(hf_processor_mm_kwargs)  # type: ignore[attr-defined]
-        )
+        fields = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)  # type: ignore[misc]
         return self.add_plan_field_configs(fields)  # type: ignore[attr-defined]
 
     def _get_mm_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
-        updates = super()._get_mm_prompt_updates(  # type: ignore[misc]
-            mm_items, self.hf_kwargs(hf_processor_mm_kwargs), out_mm_kwargs  # type: ignore[attr-defined]
-        )
-        return self.pruned_prompt_updates(updates, hf_processor_mm_kwargs)  # type: ignore[attr-defined]
+        updates = super()._get_mm_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)  # type: ignore[misc]
+        return self.pruned_prompt_updates(updates)  # type: ignore[attr-defined]
 
     def _get_cache_missing_processor_kwargs(self, inputs: Any, mm_is_cached: Mapping[str, list[bool]]) -> Any:
-        kwargs = super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached)  # type: ignore[misc]
-        return self.kwargs_for_missing_items(kwargs, mm_is_cached)  # type: ignore[attr-defined]
+        self.note_items_processed(mm_is_cached)  # type: ignore[attr-defined]
+        return super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached)  # type: ignore[misc]
 
 
 StockStep = Callable[[Any], Any]

@@ -1,17 +1,22 @@
-"""Processor-side glue: how many placeholders each image gets, and what the model needs to choose them.
+"""Processor-side glue: how many placeholders each item gets, and what the model needs to choose them.
 
-A :class:`PruningProcessorMixin` goes in front of a model family's vLLM multimodal processor. For a request
-with a budget it
+A :class:`PruningProcessorMixin` goes in front of a model family's vLLM multimodal processor. It is four jobs,
+one class each:
 
-* reads ``visual_token_budget`` / ``visual_token_selector`` from the request's ``mm_processor_kwargs`` merged
-  over the server's ``--mm-processor-kwargs`` and validates them;
-* builds one :class:`ImagePlan` per image: budget, selector and the *instruction* (the token ids of the user
-  message holding the image, see :mod:`textscythe_vllm.instruction`);
-* gives each image ``min(budget, N)`` placeholder tokens (``_get_mm_prompt_updates``);
-* mixes the plan into each image's multimodal hash, which keys the processor cache, the encoder cache and the
-  prefix cache -- so the same image with another question or budget is selected anew, and an identical request
-  hits every cache;
-* ships the plan to the model as the per-image tensor field :data:`PLAN_FIELD` (kept on the CPU).
+* :class:`RequestPlanning` -- reads ``visual_token_budget`` / ``visual_token_selector`` from the request's
+  ``mm_processor_kwargs`` merged over the server's ``--mm-processor-kwargs``, validates them and builds one
+  :class:`ItemPlan` per item: budget, selector and the *instruction* (the token ids of the user message holding
+  the item, see :mod:`textscythe_vllm.instruction`); ships each plan to the model as the per-item tensor field
+  :func:`plan_field` (kept on the CPU);
+* :class:`PlanCacheKeys` -- mixes the plan into each item's multimodal hash, which keys the processor cache, the
+  encoder cache and the prefix cache -- so the same image with another question or budget is selected anew, and
+  an identical request hits every cache;
+* :class:`PlaceholderTrimming` -- gives each item ``min(budget, N)`` placeholder tokens;
+* :class:`PruningMetrics` -- counts tokens before/after per request and records explanations.
+
+The plans travel from ``apply`` to vLLM's processing steps it calls in a context variable
+(:func:`carrying_plans`), never in the HF-processor kwargs: vLLM's steps and the HF processor see exactly the
+kwargs stock vLLM would give them.
 
 A model family may prune several modalities (``pruned_modalities``, e.g. Qwen2.5-VL's images and videos): each
 modality gets its own plans, located by its own placeholder token, and its own per-item field
@@ -23,11 +28,13 @@ request's other kwargs, so hashes and placeholders are exactly stock vLLM's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
@@ -40,16 +47,12 @@ from textscythe_vllm.selectors import available_selectors
 
 logger = logging.getLogger(LOGGER_NAME)
 
-#: Internal ``hf_processor_mm_kwargs`` key carrying the plans (``{modality: per-item plans}``) through vLLM's
-#: processing pipeline.
-#: Never accepted from clients (the middleware drops every key but :data:`CLIENT_KEYS`).
-PLAN_KEY = "_textscythe_plans"
 #: Per-image tensor field that carries the plan from the processor to ``embed_multimodal``.
 PLAN_FIELD = "textscythe_plan"
-#: Internal key the middleware sets: the id under which this request's budget bucket is filed for the
+#: Internal key the middleware sets: the ticket under which this request's budget bucket is filed for the
 #: latency metrics (see :class:`textscythe_vllm.metrics._RequestBuckets`).
 REQUEST_TAG_KEY = "_textscythe_request"
-_PRIVATE_KEYS = frozenset((PLAN_KEY, REQUEST_TAG_KEY, *CLIENT_KEYS))
+_PRIVATE_KEYS = frozenset((REQUEST_TAG_KEY, *CLIENT_KEYS))
 _PLAN_HEADER = 3  # [budget, selector code, explain id] precede the instruction ids
 
 
@@ -60,8 +63,8 @@ def plan_field(modality: str) -> str:
 
 
 @dataclass(frozen=True)
-class ImagePlan:
-    """How one image is pruned: keep ``budget`` tokens (0 = keep all) chosen by ``selector``."""
+class ItemPlan:
+    """How one item (an image, a video) is pruned: keep ``budget`` tokens (0 = keep all) chosen by ``selector``."""
 
     budget: int
     selector: str
@@ -76,7 +79,7 @@ class ImagePlan:
         return torch.tensor([self.budget, code, self.explain_id, *self.instruction], dtype=torch.long)
 
     @classmethod
-    def decode(cls, packed: torch.Tensor) -> ImagePlan:
+    def decode(cls, packed: torch.Tensor) -> ItemPlan:
         values = packed.tolist()
         budget, code = int(values[0]), int(values[1])
         selector = available_selectors()[code] if budget else ""
@@ -89,7 +92,7 @@ class ImagePlan:
         return f"{key};explain={self.explain_id}" if self.explain_id else key
 
 
-UNPRUNED = ImagePlan(budget=0, selector="", instruction=())
+UNPRUNED = ItemPlan(budget=0, selector="", instruction=())
 _profiling = threading.local()
 
 
@@ -123,36 +126,37 @@ def _log_dropped_once(key: str) -> None:
 
 
 def strip_private_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
-    """Drop the plugin's keys: they must reach neither the HF processor nor its lru-cached constructor."""
+    """Drop the plugin's keys (a server-wide default budget in ``--mm-processor-kwargs``, the middleware's ticket):
+    they must reach neither the HF processor nor its lru-cached constructor."""
     return {key: value for key, value in kwargs.items() if key not in _PRIVATE_KEYS}
 
 
-def plan_images(
+def plan_items(
     request: PruningRequest | None,
     prompt: Sequence[int],
     placeholder_ids: Sequence[int],
-    num_images: int,
+    num_items: int,
     tokenizer: Any,
     facts: TokenizerFacts,
     excluded_placeholder_ids: Sequence[int] | None = None,
-) -> tuple[ImagePlan, ...] | None:
-    """One plan per image, in prompt order, or ``None`` when the request prunes nothing.
+) -> tuple[ItemPlan, ...] | None:
+    """One plan per item, in prompt order, or ``None`` when the request prunes nothing.
 
     ``placeholder_ids`` locate the items; ``excluded_placeholder_ids`` (default: the same) are the placeholder
     tokens of every pruned modality, which no instruction contains.
     """
-    if request is None or num_images == 0:
+    if request is None or num_items == 0:
         return None
     excluded, markers = facts.get(
         tokenizer, placeholder_ids if excluded_placeholder_ids is None else excluded_placeholder_ids
     )
     placeholder_set = set(placeholder_ids)
-    positions = [index for index, token in enumerate(prompt) if token in placeholder_set][:num_images]
-    # Prompts whose images are not marked by a placeholder token (rare: text-level targets) use the whole
-    # prompt as the instruction of every image.
-    positions += [len(prompt)] * (num_images - len(positions))
+    positions = [index for index, token in enumerate(prompt) if token in placeholder_set][:num_items]
+    # Prompts whose items are not marked by a placeholder token (rare: text-level targets) use the whole
+    # prompt as the instruction of every item.
+    positions += [len(prompt)] * (num_items - len(positions))
     instructions = instruction_token_ids(prompt, positions, excluded_ids=excluded, markers=markers)
-    return tuple(ImagePlan(request.budget, request.selector, ids) for ids in instructions)
+    return tuple(ItemPlan(request.budget, request.selector, ids) for ids in instructions)
 
 
 def prune_prompt_update(update: Any, budget: int) -> Any:
@@ -195,8 +199,49 @@ def with_plugin_context(info_factory: Callable[[Any], Any]) -> Callable[[Any], A
     return build_info
 
 
-class PruningProcessorMixin(_vllm.ProcessorHooks):
-    """Put in front of a vLLM ``BaseMultiModalProcessor`` subclass (see module docstring).
+@dataclass
+class _PlansInFlight:
+    """The plans of the request being processed, and which of its items vLLM processes now: on a processor-cache
+    lookup only the missing items are processed (and get prompt updates), so their plans line up by position."""
+
+    plans: Mapping[str, tuple[ItemPlan, ...]]
+    processing: dict[str, list[bool]] = field(default_factory=dict)  # per modality: item is processed now
+
+    def for_processed_items(self, modality: str, num_items: int) -> Sequence[ItemPlan]:
+        plans = self.plans.get(modality)
+        if plans is None:
+            return [UNPRUNED] * num_items
+        mask = self.processing.get(modality)
+        if mask is not None:
+            plans = tuple(plan for plan, processed in zip(plans, mask, strict=True) if processed)
+        if len(plans) != num_items:
+            raise RuntimeError(f"textscythe: {num_items} {modality} items to process but {len(plans)} plans")
+        return plans
+
+
+_in_flight: ContextVar[_PlansInFlight | None] = ContextVar("textscythe_plans_in_flight", default=None)
+
+
+@contextlib.contextmanager
+def carrying_plans(plans: Mapping[str, tuple[ItemPlan, ...]]) -> Iterator[None]:
+    """Make ``plans`` visible to vLLM's processing steps called inside the block (same thread: ``apply`` is
+    synchronous); outside it, and for vLLM's own profiling inputs, there are none."""
+    token = _in_flight.set(_PlansInFlight(plans) if plans else None)
+    try:
+        yield
+    finally:
+        _in_flight.reset(token)
+
+
+def plans_in_flight(modality: str, num_items: int) -> Sequence[ItemPlan]:
+    """The plans of the ``num_items`` items of ``modality`` vLLM is processing now (unpruned when none)."""
+    current = _in_flight.get()
+    return [UNPRUNED] * num_items if current is None else current.for_processed_items(modality, num_items)
+
+
+class RequestPlanning:
+    """Job 1: request -> one :class:`ItemPlan` per item, carried through ``apply``; ships each processed item's
+    plan to the model as its modality's plan field.
 
     ``pruned_modalities`` are the modalities whose items are pruned; ``placeholder_token_ids(modality)`` returns
     the prompt token(s) that mark one item of ``modality`` before expansion.
@@ -236,11 +281,25 @@ class PruningProcessorMixin(_vllm.ProcessorHooks):
         merged = self.info.ctx.get_mm_config().merge_mm_processor_kwargs(request_kwargs)  # type: ignore[attr-defined]
         request = PruningRequest.from_kwargs(merged)
         self._check_request(request)
-        kwargs: dict[str, Any] = {}
-        plans: dict[str, tuple[ImagePlan, ...]] = {}
+        plans = self._plan_request(request, inputs)
+        explained = request is not None and request.explain and bool(request_ids) and bool(plans)
+        if explained:
+            plans = {modality: tuple(replace(plan, explain_id=secrets.randbits(62) | 1) for plan in modality_plans)
+                     for modality, modality_plans in plans.items()}
+        # The request's options are the plugin's only, and they travel as plans: vLLM and the HF processor get
+        # what stock vLLM gives them for a request without options.
+        with carrying_plans(plans):
+            result = super().apply(replace(inputs, hf_processor_mm_kwargs={}), timing_ctx)  # type: ignore[misc]
+        self._record_metrics(inputs, request, result, request_ids)  # type: ignore[attr-defined]
+        if explained:
+            self._record_explanation(request_ids, plans)  # type: ignore[attr-defined]
+        return result
+
+    def _plan_request(self, request: PruningRequest | None, inputs: Any) -> dict[str, tuple[ItemPlan, ...]]:
+        plans: dict[str, tuple[ItemPlan, ...]] = {}
         for modality in self.pruned_modalities:
             items = inputs.mm_data_items.get(modality)
-            modality_plans = plan_images(
+            modality_plans = plan_items(
                 request,
                 inputs.prompt,
                 self.placeholder_token_ids(modality),
@@ -251,20 +310,83 @@ class PruningProcessorMixin(_vllm.ProcessorHooks):
             )
             if modality_plans is not None:
                 plans[modality] = modality_plans
-        explained = request is not None and request.explain and bool(request_ids) and bool(plans)
-        if explained:
-            plans = {modality: tuple(replace(plan, explain_id=secrets.randbits(62) | 1) for plan in modality_plans)
-                     for modality, modality_plans in plans.items()}
-        if plans:
-            kwargs[PLAN_KEY] = plans
-        result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)  # type: ignore[misc]
-        self._record_metrics(inputs, request, result, request_ids)
-        if explained:
-            self._record_explanation(request_ids, plans)
-        return result
+        return plans
 
-    def _record_explanation(self, request_ids: tuple[str, ...], plans: Mapping[str, Sequence[ImagePlan]]) -> None:
-        """The request part of the explanation (see :mod:`textscythe_vllm.explain`). Never fails the request."""
+    def _check_request(self, request: PruningRequest | None) -> None:
+        """Refuse a request the model cannot serve by raising ``PruningRequestError``; by default accept all."""
+
+    # -- hooks called by _vllm.ProcessorHooks -------------------------------------------------------------------
+    def add_plan_fields(self, processed_data: Any) -> Any:
+        """The processed items plus each item's encoded plan (the per-item plan field of its modality)."""
+        for modality in self.pruned_modalities:
+            num_items = self._num_processed_items(processed_data, modality)
+            if num_items:
+                plans = plans_in_flight(modality, num_items)
+                processed_data[plan_field(modality)] = [plan.encode() for plan in plans]
+        return processed_data
+
+    def _num_processed_items(self, processed_data: Mapping[str, object], modality: str = "image") -> int:
+        for key in ("pixel_values", "image_embeds"):
+            value = processed_data.get(key)
+            if value is not None:
+                return len(value)  # type: ignore[arg-type]
+        return 0
+
+    def add_plan_field_configs(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The model inputs' field configs plus the plan fields (batched per item, kept on the CPU)."""
+        fields = dict(fields)
+        for modality in self.pruned_modalities:
+            fields[plan_field(modality)] = _vllm.MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
+        return fields
+
+    def note_items_processed(self, mm_is_cached: Mapping[str, list[bool]]) -> None:
+        """On a processor-cache lookup, only the items not cached are processed next."""
+        current = _in_flight.get()
+        if current is not None:
+            current.processing = {modality: [not hit for hit in hits] for modality, hits in mm_is_cached.items()}
+
+
+class PlanCacheKeys:
+    """Job 2: each item's multimodal hash (the processor, encoder and prefix caches' key) -- stock vLLM's, mixed
+    with the item's plan when it is pruned."""
+
+    def item_hashes(self, inputs: Any, stock: Callable[[Any], Any]) -> Any:
+        hashes = stock(inputs)
+        current = _in_flight.get()
+        if current is not None:
+            algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm  # type: ignore[attr-defined]
+            for modality, modality_plans in current.plans.items():
+                hashes[modality] = [
+                    _vllm.MultiModalHasher.hash_kwargs(algorithm, item=item_hash, textscythe=plan.cache_key())
+                    for item_hash, plan in zip(hashes[modality], modality_plans, strict=True)
+                ]
+        return hashes
+
+
+class PlaceholderTrimming:
+    """Job 3: each pruned item's placeholder run cut to ``min(budget, N)`` embedding positions."""
+
+    def pruned_prompt_updates(self, updates: Any) -> Any:
+        if _in_flight.get() is None:
+            return updates
+        updates = dict(updates)
+        for modality in self.pruned_modalities:  # type: ignore[attr-defined]
+            if modality not in updates:
+                continue
+            plans = plans_in_flight(modality, len(updates[modality]))
+            updates[modality] = [
+                [prune_prompt_update(update, plan.budget) for update in per_item]
+                for plan, per_item in zip(plans, updates[modality], strict=True)
+            ]
+        return updates
+
+
+class PruningMetrics:
+    """Job 4: tokens before/after per request (API server only: profiling never gets here) and the request part
+    of explanations. Never fails a request."""
+
+    def _record_explanation(self, request_ids: tuple[str, ...], plans: Mapping[str, Sequence[ItemPlan]]) -> None:
+        """The request part of the explanation (see :mod:`textscythe_vllm.explain`)."""
         try:
             tokenizer = self.info.get_tokenizer()  # type: ignore[attr-defined]
             items = [
@@ -277,15 +399,11 @@ class PruningProcessorMixin(_vllm.ProcessorHooks):
         except Exception:
             logger.warning("textscythe: could not record the explanation", exc_info=True)
 
-    def _check_request(self, request: PruningRequest | None) -> None:
-        """Refuse a request the model cannot serve by raising ``PruningRequestError``; by default accept all."""
-
     def _record_metrics(self, inputs: Any, request: PruningRequest | None, result: Any,
                         request_ids: tuple[str, ...]) -> None:
-        """Count the request (API server only: profiling never gets here). Never fails the request."""
         try:
             before, after = [], []
-            for modality in self.pruned_modalities:
+            for modality in self.pruned_modalities:  # type: ignore[attr-defined]
                 items = inputs.mm_data_items.get(modality)
                 placeholders = result["mm_placeholders"].get(modality, [])
                 before += [self._unpruned_token_count(items, index, modality) for index in range(len(placeholders))]
@@ -306,85 +424,8 @@ class PruningProcessorMixin(_vllm.ProcessorHooks):
             image_width=size.width, image_height=size.height
         )
 
-    # -- hooks called by _vllm.ProcessorHooks (vLLM's private processor steps) -----------------------------------
-    def hf_kwargs(self, kwargs: Mapping[str, object]) -> dict[str, object]:
-        """What vLLM's own processing steps and the HF processor see: the kwargs without the plugin's keys."""
-        return strip_private_kwargs(kwargs)
 
-    def item_hashes(self, inputs: Any, stock: Callable[[Any], Any]) -> Any:
-        """Each item's multimodal hash: stock vLLM's, mixed with the item's plan when it is pruned."""
-        plans = inputs.hf_processor_mm_kwargs.get(PLAN_KEY)
-        hashes = stock(replace(inputs, hf_processor_mm_kwargs=strip_private_kwargs(inputs.hf_processor_mm_kwargs)))
-        if plans:
-            algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm  # type: ignore[attr-defined]
-            for modality, modality_plans in plans.items():
-                hashes[modality] = [
-                    _vllm.MultiModalHasher.hash_kwargs(algorithm, item=item_hash, textscythe=plan.cache_key())
-                    for item_hash, plan in zip(hashes[modality], modality_plans, strict=True)
-                ]
-        return hashes
-
-    def add_plan_fields(self, processed_data: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
-        """The processed items plus each item's encoded plan (the per-item plan field of its modality)."""
-        for modality in self.pruned_modalities:
-            num_items = self._num_processed_items(processed_data, modality)
-            plans = _plans_for_items(hf_processor_mm_kwargs, num_items, modality)
-            if num_items:
-                processed_data[plan_field(modality)] = [plan.encode() for plan in plans]
-        return processed_data
-
-    def _num_processed_items(self, processed_data: Mapping[str, object], modality: str = "image") -> int:
-        for key in ("pixel_values", "image_embeds"):
-            value = processed_data.get(key)
-            if value is not None:
-                return len(value)  # type: ignore[arg-type]
-        return 0
-
-    def add_plan_field_configs(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """The model inputs' field configs plus the plan fields (batched per item, kept on the CPU)."""
-        fields = dict(fields)
-        for modality in self.pruned_modalities:
-            fields[plan_field(modality)] = _vllm.MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
-        return fields
-
-    def pruned_prompt_updates(self, updates: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
-        """Each pruned item's placeholder run cut to ``min(budget, N)`` embedding positions."""
-        if PLAN_KEY not in hf_processor_mm_kwargs:
-            return updates
-        updates = dict(updates)
-        for modality in self.pruned_modalities:
-            if modality not in updates:
-                continue
-            plans = _plans_for_items(hf_processor_mm_kwargs, len(updates[modality]), modality)
-            updates[modality] = [
-                [prune_prompt_update(update, plan.budget) for update in per_item]
-                for plan, per_item in zip(plans, updates[modality], strict=True)
-            ]
-        return updates
-
-    def kwargs_for_missing_items(self, kwargs: Mapping[str, object], mm_is_cached: Mapping[str, list[bool]]) -> Any:
-        """On a processor-cache hit only the missing items are processed: hand on just their plans, so plans and
-        processed items line up by position."""
-        kwargs = dict(kwargs)
-        plans = kwargs.get(PLAN_KEY)
-        if plans is not None:
-            kwargs[PLAN_KEY] = {
-                modality: tuple(
-                    plan for plan, hit in zip(
-                        modality_plans, mm_is_cached.get(modality, [False] * len(modality_plans)), strict=True
-                    ) if not hit
-                )
-                for modality, modality_plans in plans.items()  # type: ignore[attr-defined]
-            }
-        return kwargs
-
-
-def _plans_for_items(kwargs: Mapping[str, object], num_items: int, modality: str = "image") -> Sequence[ImagePlan]:
-    """The plans of ``modality``'s items: :data:`PLAN_KEY` holds ``{modality: plans}``; none means unpruned."""
-    all_plans = kwargs.get(PLAN_KEY)
-    plans = None if all_plans is None else all_plans.get(modality)  # type: ignore[attr-defined]
-    if plans is None:
-        return [UNPRUNED] * num_items
-    if len(plans) != num_items:  # type: ignore[arg-type]
-        raise RuntimeError(f"textscythe: {num_items} items to process but {len(plans)} plans")  # type: ignore[arg-type]
-    return plans  # type: ignore[return-value]
+class PruningProcessorMixin(RequestPlanning, PlanCacheKeys, PlaceholderTrimming, PruningMetrics,
+                            _vllm.ProcessorHooks):
+    """Put in front of a vLLM ``BaseMultiModalProcessor`` subclass (see module docstring): the four jobs, wired
+    to vLLM's private processing steps by :class:`textscythe_vllm._vllm.ProcessorHooks`."""

@@ -1,18 +1,23 @@
-"""Model-side glue: choose each image's rows inside ``embed_multimodal``.
+"""Model-side glue: the one ``embed_multimodal`` of every family, and the choice of each item's rows.
 
-The invariant this module protects: ``embed_multimodal`` returns exactly as many rows per image as the
+The invariant this module protects: ``embed_multimodal`` returns exactly as many rows per item as the
 processor gave it placeholders -- ``min(budget, N)``. vLLM kills the engine on fewer rows and silently
 truncates more, so every failure in selection falls back to a deterministic choice of the right size.
+
+The contract with a family (:class:`PruningModel`): the family says how many items a parsed input holds and
+encodes them into :class:`EncodedItems` -- features, attention, layout -- and, where its LLM has M-RoPE, places
+the kept rows (:meth:`PruningModel.place_rows`). Everything else -- plans, which selector reads what, selection,
+fallbacks, explanations, the stock path for batches without a budget -- is here, once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -20,7 +25,7 @@ import torch
 from torch import Tensor
 
 from textscythe_vllm import LOGGER_NAME, _vllm, explain, metrics
-from textscythe_vllm.processing import ImagePlan, plan_field
+from textscythe_vllm.processing import ItemPlan, plan_field
 from textscythe_vllm.selectors import TokenSelector, get_selector
 from textscythe_vllm.selectors.textscythe import entropy_ratio
 
@@ -39,19 +44,19 @@ def selector_instance(name: str) -> TokenSelector:
     return get_selector(name)
 
 
-def needs_attention(plans: Sequence[ImagePlan]) -> bool:
+def needs_attention(plans: Sequence[ItemPlan]) -> bool:
     """Whether any plan's selector reads the tower's attention: if none does, the probe is not run."""
     return any(plan.budget and selector_instance(plan.selector).uses_attention for plan in plans)
 
 
-def decode_plans(packed: object, num_items: int) -> list[ImagePlan] | None:
+def decode_plans(packed: object, num_items: int) -> list[ItemPlan] | None:
     """Plans from the :data:`~textscythe_vllm.processing.PLAN_FIELD` batch (a stacked tensor or a list)."""
     if packed is None:
         return None
     rows = list(packed.unbind(0)) if isinstance(packed, Tensor) else list(packed)  # type: ignore[call-overload]
     if len(rows) != num_items:
         raise RuntimeError(f"textscythe: {len(rows)} pruning plans for {num_items} items")
-    plans = [ImagePlan.decode(row) for row in rows]
+    plans = [ItemPlan.decode(row) for row in rows]
     return plans if any(plan.budget for plan in plans) else None
 
 
@@ -59,7 +64,7 @@ def choose_rows(
     features: Tensor,  # [M, D] one item's projected visual tokens, in placeholder order
     attention: Tensor | None,  # [M] attention each row receives in the vision tower, or None
     text: Tensor,  # [T, D] instruction-token embeddings
-    plan: ImagePlan,
+    plan: ItemPlan,
     candidates: Tensor | None = None,  # [M] bool: rows that carry image content (False: layout tokens)
     extra_seconds: float = 0.0,  # selection work done earlier for this item (its share of attention probing)
 ) -> Tensor:
@@ -74,7 +79,7 @@ def choose_rows_and_positions(
     features: Tensor,
     attention: Tensor | None,
     text: Tensor,
-    plan: ImagePlan,
+    plan: ItemPlan,
     candidates: Tensor | None = None,
     extra_seconds: float = 0.0,
     layout: dict[str, Any] | None = None,  # how the rows lie on the item (explanations); default: square grid
@@ -127,7 +132,7 @@ def choose_rows_and_positions(
     return rows, positions
 
 
-def _explain_selection(plan: ImagePlan, features: Tensor, text: Tensor, positions: Tensor, info: dict[str, Tensor],
+def _explain_selection(plan: ItemPlan, features: Tensor, text: Tensor, positions: Tensor, info: dict[str, Tensor],
                        fallback: str | None, seconds: float, layout: dict[str, Any] | None) -> None:
     """The worker's part of an explanation (see :mod:`textscythe_vllm.explain`). Never raises."""
     try:
@@ -147,7 +152,7 @@ def _explain_selection(plan: ImagePlan, features: Tensor, text: Tensor, position
         logger.warning("textscythe: could not record the explanation of a selection", exc_info=True)
 
 
-def _log_selection(plan: ImagePlan, num_rows: int, positions: Tensor) -> None:
+def _log_selection(plan: ItemPlan, num_rows: int, positions: Tensor) -> None:
     """Append the kept positions to ``$TEXTSCYTHE_SELECTION_LOG`` (JSON lines), for debugging and the demo."""
     path = os.environ.get(SELECTION_LOG_ENV)
     if not path:
@@ -187,7 +192,7 @@ def _select(
 def prune_items(
     features: Sequence[Tensor],  # per item [M_i, D]
     attention: Sequence[Tensor | None],  # per item [M_i] or None
-    plans: Sequence[ImagePlan],
+    plans: Sequence[ItemPlan],
     embed_tokens: Callable[[Tensor], Tensor],  # instruction ids [T] -> embeddings [T, D]
     candidates: Sequence[Tensor | None] | None = None,
     attention_seconds: float = 0.0,  # time spent computing ``attention`` for the whole batch
@@ -199,7 +204,7 @@ def prune_items(
     )]
 
 
-def explaining(plans: Sequence[ImagePlan]) -> bool:
+def explaining(plans: Sequence[ItemPlan]) -> bool:
     """Whether any item of the batch is explained (family modules then describe their items' layouts)."""
     return any(plan.explain_id for plan in plans)
 
@@ -207,7 +212,7 @@ def explaining(plans: Sequence[ImagePlan]) -> bool:
 def prune_items_with_positions(
     features: Sequence[Tensor],
     attention: Sequence[Tensor | None],
-    plans: Sequence[ImagePlan],
+    plans: Sequence[ItemPlan],
     embed_tokens: Callable[[Tensor], Tensor],
     candidates: Sequence[Tensor | None] | None = None,
     attention_seconds: float = 0.0,
@@ -238,33 +243,67 @@ def prune_items_with_positions(
     return pruned
 
 
-class ModalityPruningMixin:
-    """``embed_multimodal`` for a model that prunes several modalities (put in front of vLLM's model class).
+@dataclass
+class EncodedItems:
+    """One modality's items of a batch, as a family hands them to :class:`PruningModel`."""
 
-    Pops each modality's plan field, parses the inputs with the model's own parsing
-    (:func:`textscythe_vllm._vllm.parse_multimodal_inputs`, whose order -- the kwargs order -- is the order vLLM
-    expects the items in), and hands each modality with plans to ``_embed_items``; a batch without any budget takes
-    the parent class's path unchanged. Subclasses define ``_num_items`` and ``_embed_items``.
+    features: list[Tensor]  # per item [M_i, D], in placeholder order
+    attention: list[Tensor | None]  # per item [M_i]: attention each row receives in the tower, or None
+    candidates: list[Tensor | None] | None = None  # per item [M_i] bool: content rows (False: layout rows)
+    layouts: list[dict[str, Any] | None] | None = None  # per item: how rows lie on the item (explanations)
+    attention_seconds: float = 0.0  # time spent computing ``attention`` for the whole batch
+
+
+class PruningModel:
+    """The single ``embed_multimodal`` of every family (put in front of vLLM's model class).
+
+    It pops each pruned modality's plan field, parses the inputs with the model's own parsing (whose order -- the
+    kwargs order -- is the order vLLM expects the items in) and, for each modality whose items carry plans, asks
+    the family to :meth:`encode_items` (with attention only when a plan's selector reads it, with layouts only
+    when an item is explained), selects each item's rows and lets the family :meth:`place_rows`. A batch without
+    any budget takes the parent class's path unchanged; a modality without plans gets the stock features.
+
+    A family module supplies :meth:`count_items` and :meth:`encode_items` (and :meth:`place_rows` /
+    :meth:`pruning_enabled` where it needs them).
     """
 
     pruned_modalities: tuple[str, ...] = ("image",)
 
-    def _pruning_enabled(self) -> bool:
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        metrics.setup_worker_metrics(vllm_config.model_config.served_model_name)
+
+    # -- what a family supplies -----------------------------------------------------------------------------
+    def pruning_enabled(self) -> bool:
+        """``False`` when the model runs a server-wide mode that owns its rows (e.g. vLLM's EVS)."""
         return True
 
-    def _num_items(self, modality: str, modality_input: Any) -> int:
+    def count_items(self, modality: str, modality_input: Any) -> int:
+        """Items in one modality's parsed input (default: the per-item batch of LLaVA-style inputs)."""
+        return len(modality_input[ITEMS_KEY[modality_input["type"]]])
+
+    def encode_items(self, modality: str, modality_input: Any, *, with_attention: bool,
+                     with_layouts: bool) -> EncodedItems:
         raise NotImplementedError
 
-    def _embed_items(self, modality: str, modality_input: Any, plans: list[ImagePlan] | None) -> list[Tensor]:
-        raise NotImplementedError
+    def place_rows(self, modality: str, modality_input: Any, index: int, rows: Tensor, kept: Tensor) -> Tensor:
+        """The rows ``embed_multimodal`` returns for pruned item ``index`` (``kept``: their ascending row indices
+        in the item's features); M-RoPE families attach positions here."""
+        return rows
 
+    def stock_features(self, modality: str, modality_input: Any) -> list[Tensor]:
+        """The model's own tower + projector on one modality's parsed input, one ``[M_i, D]`` tensor per item."""
+        encode = _vllm.image_features if modality == "image" else _vllm.video_features
+        return list(encode(self, modality_input))
+
+    # -- the one path ---------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object) -> Any:
         packed = {modality: kwargs.pop(plan_field(modality), None) for modality in self.pruned_modalities}
-        if not self._pruning_enabled():
+        if not self.pruning_enabled() or all(value is None for value in packed.values()):
             return super().embed_multimodal(**kwargs)  # type: ignore[misc]
         inputs = _vllm.parse_multimodal_inputs(self, **kwargs)
         plans = {
-            modality: decode_plans(packed.get(modality), self._num_items(modality, modality_input))
+            modality: decode_plans(packed.get(modality), self.count_items(modality, modality_input))
             for modality, modality_input in inputs.items()
             if modality_input is not None
         }
@@ -272,122 +311,31 @@ class ModalityPruningMixin:
             return super().embed_multimodal(**kwargs)  # type: ignore[misc]
         embeddings: tuple[Tensor, ...] = ()
         for modality, modality_input in inputs.items():
-            if modality_input is not None:
-                embeddings += tuple(self._embed_items(modality, modality_input, plans.get(modality)))
+            if modality_input is None:
+                continue
+            modality_plans = plans.get(modality)
+            if modality_plans is None:
+                embeddings += tuple(self.stock_features(modality, modality_input))
+            else:
+                embeddings += tuple(self._pruned_items(modality, modality_input, modality_plans))
         return embeddings
 
-
-#: Elements of one ``[heads, queries, keys]`` score block when attention is averaged over all queries (fp32:
-#: 64 MiB): the full ``S x S`` matrix is never held.
-PROBE_BLOCK_ELEMENTS = 1 << 24
-
-
-def sum_over_ranks(head_sums: Tensor, tp_size: int) -> Tensor:
-    """Per-rank sums over the rank's attention heads -> the sum over all heads, the same on every rank (tensor
-    parallelism splits the heads; every probe divides by the total head count afterwards)."""
-    return _vllm.tensor_model_parallel_all_reduce(head_sums) if tp_size > 1 else head_sums
-
-
-def mean_received_attention(
-    query: Tensor,  # [L, h, d] one sequence's queries (this rank's heads)
-    key: Tensor,  # [L, h, d] its keys
-    scale: float,
-) -> Tensor:
-    """``[L]``: for each token ``j``, ``sum_h 1/L sum_i softmax_j(q_i^h . k^h / sqrt(d))_j`` -- the attention it
-    receives, averaged over the sequence's queries and *summed* over the given heads (callers divide by the
-    total head count, after an all-reduce under tensor parallelism). Scores are computed in query chunks of at
-    most :data:`PROBE_BLOCK_ELEMENTS`, in float32."""
-    length, heads = query.shape[0], query.shape[1]
-    keys = key.float().permute(1, 2, 0)  # [h, d, L]
-    total = torch.zeros(length, dtype=torch.float32, device=query.device)
-    chunk = max(1, PROBE_BLOCK_ELEMENTS // (heads * length))
-    for first in range(0, length, chunk):
-        queries = query[first:first + chunk].float().transpose(0, 1)  # [h, c, d]
-        scores = torch.bmm(queries, keys) * scale  # [h, c, L]
-        total += torch.softmax(scores, dim=-1).sum(dim=(0, 1))
-    return total / length
+    def _pruned_items(self, modality: str, modality_input: Any, plans: list[ItemPlan]) -> list[Tensor]:
+        encoded = self.encode_items(modality, modality_input, with_attention=needs_attention(plans),
+                                    with_layouts=explaining(plans))
+        results = prune_items_with_positions(
+            encoded.features, encoded.attention, plans, self.get_language_model().embed_input_ids,  # type: ignore[attr-defined]
+            encoded.candidates, encoded.attention_seconds, encoded.layouts,
+        )
+        return [rows if kept is None else self.place_rows(modality, modality_input, index, rows, kept)
+                for index, (rows, kept) in enumerate(results)]
 
 
-class ClsAttentionProbe:
-    """[CLS] attention of a CLIP tower's feature layer, read off vLLM's own forward pass.
-
-    A forward hook on the last encoder layer's ``qkv_proj`` (the layer whose output LLaVA uses as features:
-    vLLM builds the tower only up to the feature layer) takes the query row of the [CLS] token and the keys
-    of all tokens, and computes ``softmax(q_cls . K^T / sqrt(d))`` per head, averaged over heads: ``[B, S]``,
-    O(S * d) per head, never an ``S x S`` matrix, and the attention backend is untouched. With tensor
-    parallelism each rank holds some heads; their sums are all-reduced so every rank sees the same scores.
-    """
-
-    def __init__(self, attention_module: torch.nn.Module) -> None:
-        self._attention = attention_module
-        self._captured: list[Tensor] | None = None
-        self.seconds = 0.0  # time spent in the probe during the last capture
-        attention_module.qkv_proj.register_forward_hook(self._on_qkv)
-
-    @classmethod
-    def for_clip_tower(cls, vision_tower: torch.nn.Module) -> ClsAttentionProbe | None:
-        if not isinstance(vision_tower, _vllm.CLIPVisionModel):
-            return None
-        return cls(vision_tower.vision_model.encoder.layers[-1].self_attn)
-
-    def _on_qkv(self, module: torch.nn.Module, args: object, output: object) -> None:
-        if self._captured is None:
-            return
-        started = time.perf_counter()
-        qkv = output[0] if isinstance(output, tuple) else output  # [B, S, 3 * local_dim]
-        self._captured.append(self.scores(qkv))
-        self.seconds += time.perf_counter() - started
-
-    def scores(self, qkv: Tensor) -> Tensor:
-        attention = self._attention
-        heads, head_dim = attention.num_heads_per_partition, attention.head_dim
-        batch, seq_len = qkv.shape[0], qkv.shape[1]
-        query, key, _ = qkv.float().chunk(3, dim=-1)
-        cls_query = query[:, 0].reshape(batch, heads, head_dim)  # [B, h, d]
-        keys = key.reshape(batch, seq_len, heads, head_dim)  # [B, S, h, d]
-        scores = torch.einsum("bhd,bshd->bhs", cls_query, keys) * attention.scale
-        summed = torch.softmax(scores, dim=-1).sum(dim=1)  # [B, S], summed over this rank's heads
-        return sum_over_ranks(summed, attention.tp_size) / attention.num_heads
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[list[Tensor]]:
-        """Collect ``[B, S]`` attention for every tower call inside the block."""
-        self._captured = captured = []
-        self.seconds = 0.0
-        try:
-            yield captured
-        finally:
-            self._captured = None
+#: Input type -> the key of its per-item batch in LLaVA-style parsed inputs.
+ITEMS_KEY = {"pixel_values": "pixel_values", "image_embeds": "data", "pixel_values_videos": "pixel_values_videos"}
 
 
-class MeanAttentionProbe(ClsAttentionProbe):
-    """Mean attention each token *receives* at a tower's feature layer, for towers without a [CLS] token
-    (SigLIP): ``A_j = 1/H sum_h 1/S sum_i softmax_j(q_i^h . k^h / sqrt(d))_j`` over the ``S`` tokens of one view,
-    ``[B, S]``. Read off the same ``qkv_proj`` hook as :class:`ClsAttentionProbe` (the backend is untouched),
-    computed per view in query chunks (:func:`mean_received_attention`), never as a whole ``S x S`` matrix."""
-
-    @classmethod
-    def for_siglip_tower(cls, vision_tower: torch.nn.Module) -> MeanAttentionProbe | None:
-        if not isinstance(vision_tower, _vllm.SiglipVisionModel):
-            return None
-        return cls(vision_tower.vision_model.encoder.layers[-1].self_attn)
-
-    def scores(self, qkv: Tensor) -> Tensor:
-        attention = self._attention
-        heads, head_dim = attention.num_heads_per_partition, attention.head_dim
-        batch, seq_len = qkv.shape[0], qkv.shape[1]
-        query, key, _ = qkv.chunk(3, dim=-1)
-        summed = torch.stack([
-            mean_received_attention(
-                query[view].reshape(seq_len, heads, head_dim), key[view].reshape(seq_len, heads, head_dim),
-                attention.scale,
-            )
-            for view in range(batch)
-        ])  # [B, S], summed over this rank's heads
-        return sum_over_ranks(summed, attention.tp_size) / attention.num_heads
-
-
-def tower_attention_probe(vision_tower: torch.nn.Module) -> ClsAttentionProbe | None:
-    """The attention probe of a LLaVA-family tower: [CLS] attention for CLIP, mean received attention for
-    SigLIP; ``None`` for any other tower (selection then runs without attention)."""
-    return ClsAttentionProbe.for_clip_tower(vision_tower) or MeanAttentionProbe.for_siglip_tower(vision_tower)
+def cls_free(model: Any, attention: Tensor) -> Tensor:
+    """``[views, S]`` tower attention -> ``[views, N]`` feature rows: LLaVA-style models drop the [CLS] row of
+    a CLIP tower's features under ``vision_feature_select_strategy == "default"``, so its column goes too."""
+    return attention[:, 1:] if model.config.vision_feature_select_strategy == "default" else attention

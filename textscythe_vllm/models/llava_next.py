@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from textscythe_vllm import explain, metrics
+from textscythe_vllm import explain
 from textscythe_vllm._vllm import (
     MULTIMODAL_REGISTRY,
     LlavaDummyInputsBuilder,
@@ -24,8 +24,9 @@ from textscythe_vllm._vllm import (
     LlavaNextProcessingInfo,
     merge_image_patches,
 )
-from textscythe_vllm.processing import PLAN_FIELD, PruningProcessorMixin, with_plugin_context
-from textscythe_vllm.pruning import ClsAttentionProbe, decode_plans, explaining, needs_attention, prune_items
+from textscythe_vllm.probes import ClsAttentionProbe
+from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
+from textscythe_vllm.pruning import EncodedItems, PruningModel, cls_free
 
 
 def anyres_layout(config: Any, image_size: Tensor, num_views: int) -> Tensor:
@@ -48,47 +49,36 @@ class TextScytheLlavaNextMultiModalProcessor(PruningProcessorMixin, LlavaNextMul
     info=with_plugin_context(LlavaNextProcessingInfo),
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class TextScytheLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class TextScytheLlavaNextForConditionalGeneration(PruningModel, LlavaNextForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.cls_attention = ClsAttentionProbe.for_clip_tower(self.vision_tower)
-        metrics.setup_worker_metrics(vllm_config.model_config.served_model_name)
 
-    def embed_multimodal(self, **kwargs: object) -> Any:
-        packed = kwargs.pop(PLAN_FIELD, None)
-        num_items = len(packed) if packed is not None else 0  # type: ignore[arg-type]
-        plans = decode_plans(packed, num_items)
-        pixel_values = kwargs.get("pixel_values")
-        if plans is None or pixel_values is None:
-            return super().embed_multimodal(**kwargs)
-        views_per_item = [view.shape[0] for view in pixel_values]  # type: ignore[attr-defined]
-        seconds = 0.0
-        if self.cls_attention is None or not needs_attention(plans):
-            features = super().embed_multimodal(**kwargs)
-            stacked_attention = None
+    def encode_items(self, modality: str, image_input: Any, *, with_attention: bool,
+                     with_layouts: bool) -> EncodedItems:
+        if image_input["type"] != "pixel_values":  # precomputed rows: no layout, no attention
+            features = self.stock_features(modality, image_input)
+            return EncodedItems(features, [None] * len(features))
+        probe = self.cls_attention if with_attention else None
+        stacked, seconds = None, 0.0  # [sum(views), N] per-view attention
+        if probe is None:
+            features = self.stock_features(modality, image_input)
         else:
-            with self.cls_attention.capture() as captured:
-                features = super().embed_multimodal(**kwargs)
-            stacked_attention, seconds = captured[-1], self.cls_attention.seconds  # [sum(views), S]
-            if self.config.vision_feature_select_strategy == "default":
-                stacked_attention = stacked_attention[:, 1:]
-        image_sizes = kwargs.get("image_sizes")
-        attention: list[Tensor | None] = []
-        candidates: list[Tensor | None] = []
-        layouts: list[dict[str, Any] | None] | None = [] if explaining(plans) else None
+            with probe.capture() as captured:
+                features = self.stock_features(modality, image_input)
+            stacked, seconds = cls_free(self, captured[-1]), probe.seconds
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        encoded = EncodedItems(features, [], [], [] if with_layouts else None, seconds)
         offset = 0
-        for index, views in enumerate(views_per_item):
-            layout = anyres_layout(self.config, image_sizes[index], views).to(features[index].device)  # type: ignore[index]
-            candidates.append(layout >= 0)
-            if layouts is not None:
-                layouts.append(explain.views_layout(layout.tolist(), views, side))
-            if stacked_attention is None:
-                attention.append(None)
+        for index, views in enumerate(view.shape[0] for view in image_input["pixel_values"]):
+            layout = anyres_layout(self.config, image_input["image_sizes"][index], views).to(features[index].device)
+            encoded.candidates.append(layout >= 0)  # type: ignore[union-attr]
+            if encoded.layouts is not None:
+                encoded.layouts.append(explain.views_layout(layout.tolist(), views, side))
+            if stacked is None:
+                encoded.attention.append(None)
             else:
-                flat = stacked_attention[offset:offset + views].reshape(-1)
-                attention.append(torch.where(layout >= 0, flat[layout.clamp(min=0)], 0.0))
+                flat = stacked[offset:offset + views].reshape(-1)
+                encoded.attention.append(torch.where(layout >= 0, flat[layout.clamp(min=0)], 0.0))
             offset += views
-        embed_tokens = self.get_language_model().embed_input_ids
-        return prune_items(list(features), attention, plans, embed_tokens, candidates, attention_seconds=seconds,
-                           layouts=layouts)
+        return encoded

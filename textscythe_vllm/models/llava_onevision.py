@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from textscythe_vllm import LOGGER_NAME, metrics
+from textscythe_vllm import LOGGER_NAME
 from textscythe_vllm._vllm import (
     MULTIMODAL_REGISTRY,
     EmbeddingItems,
@@ -36,18 +36,15 @@ from textscythe_vllm._vllm import (
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionMultiModalProcessor,
     LlavaOnevisionProcessingInfo,
-    image_features,
     merge_image_patches,
-    video_features,
 )
+from textscythe_vllm.probes import tower_attention_probe
 from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
-from textscythe_vllm.pruning import ModalityPruningMixin, needs_attention, prune_items, tower_attention_probe
+from textscythe_vllm.pruning import ITEMS_KEY, EncodedItems, PruningModel, cls_free
 
 logger = logging.getLogger(LOGGER_NAME)
 
 MODALITIES = ("image", "video")
-#: Input type -> the key of its per-item batch in vLLM's parsed inputs.
-_ITEMS_KEY = {"pixel_values": "pixel_values", "image_embeds": "data", "pixel_values_videos": "pixel_values_videos"}
 
 
 def image_layout(model: Any, image_size: Tensor, view_attention: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,45 +103,33 @@ class TextScytheLlavaOnevisionMultiModalProcessor(PruningProcessorMixin, LlavaOn
     info=with_plugin_context(LlavaOnevisionProcessingInfo),
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
-class TextScytheLlavaOnevisionForConditionalGeneration(ModalityPruningMixin, LlavaOnevisionForConditionalGeneration):
+class TextScytheLlavaOnevisionForConditionalGeneration(PruningModel, LlavaOnevisionForConditionalGeneration):
     pruned_modalities = MODALITIES
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tower_attention = tower_attention_probe(self.vision_tower)
-        metrics.setup_worker_metrics(vllm_config.model_config.served_model_name)
 
-    def _num_items(self, modality: str, modality_input: Any) -> int:
-        return len(modality_input[_ITEMS_KEY[modality_input["type"]]])
-
-    def _embed_items(self, modality: str, modality_input: Any, plans: Any) -> list[Tensor]:
-        def process(modality_input: Any) -> Any:
-            return (image_features if modality == "image" else video_features)(self, modality_input)
-
-        if plans is None:
-            return list(process(modality_input))
+    def encode_items(self, modality: str, modality_input: Any, *, with_attention: bool,
+                     with_layouts: bool) -> EncodedItems:
         if modality_input["type"] == "image_embeds":  # precomputed rows: no layout, no attention
-            features = list(process(modality_input))
-            return prune_items(features, [None] * len(features), plans, self.get_language_model().embed_input_ids)
-        probe = self.tower_attention if needs_attention(plans) else None
+            features = self.stock_features(modality, modality_input)
+            return EncodedItems(features, [None] * len(features))
+        probe = self.tower_attention if with_attention else None
+        stacked, seconds = None, 0.0  # [views or frames of the whole batch, N]
         if probe is None:
-            features, captured, seconds = list(process(modality_input)), [], 0.0
+            features = self.stock_features(modality, modality_input)
         else:
             with probe.capture() as captured:
-                features = list(process(modality_input))
-            seconds = probe.seconds
-        stacked = captured[-1] if captured else None  # [views or frames of the whole batch, S]
-        if stacked is not None and self.config.vision_feature_select_strategy == "default":
-            stacked = stacked[:, 1:]  # a CLIP tower's [CLS] column (OneVision checkpoints use SigLIP: "full")
-        pixels = modality_input[_ITEMS_KEY[modality_input["type"]]]
-        attention: list[Tensor | None] = []
-        candidates: list[Tensor | None] = []
+                features = self.stock_features(modality, modality_input)
+            # a CLIP tower's [CLS] column goes (OneVision checkpoints use SigLIP: "full")
+            stacked, seconds = cls_free(self, captured[-1]), probe.seconds
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        encoded = EncodedItems(features, [], [], None, seconds)
         offset = 0
-        for index, item_pixels in enumerate(pixels):
+        for index, item_pixels in enumerate(modality_input[ITEMS_KEY[modality_input["type"]]]):
             views = item_pixels.shape[0]  # tiles (+ base view) of an image, frames of a video
-            item_attention = stacked[offset:offset + views] if stacked is not None else torch.zeros(
-                views, (self.config.vision_config.image_size // self.config.vision_config.patch_size) ** 2
-            )
+            item_attention = stacked[offset:offset + views] if stacked is not None else torch.zeros(views, side * side)
             offset += views
             if modality == "image":
                 sizes = modality_input.get("image_sizes")
@@ -155,7 +140,6 @@ class TextScytheLlavaOnevisionForConditionalGeneration(ModalityPruningMixin, Lla
             # A layout that disagreed with the features would fail inside the guarded selection and take its
             # fallback (choose_rows), never the engine.
             device = features[index].device
-            attention.append(item_scores.to(device) if stacked is not None else None)
-            candidates.append(is_content.to(device))
-        embed_tokens = self.get_language_model().embed_input_ids
-        return prune_items(features, attention, plans, embed_tokens, candidates, attention_seconds=seconds)
+            encoded.attention.append(item_scores.to(device) if stacked is not None else None)
+            encoded.candidates.append(is_content.to(device))  # type: ignore[union-attr]
+        return encoded

@@ -14,7 +14,7 @@ full-attention block of the tower (``max(fullatt_block_indexes)``)::
 ``S(p)`` is the full-attention sequence holding patch ``p`` -- one image, or one temporal patch of a video
 (vLLM's and transformers' ``cu_seqlens``) -- and ``L = |S(p)|``; ``q`` and ``k`` are that block's queries and
 keys *after* its 2-D rotary embedding. They are read off vLLM's own forward pass with a forward hook on the
-block's rotary module (:class:`VisionAttentionProbe`); the column means are computed per sequence in query
+block's rotary module (:class:`~textscythe_vllm.probes.RotaryAttentionProbe`); the column means are computed per sequence in query
 chunks, so no ``L x L`` matrix is held whole and vLLM's attention backend is untouched.
 
 Positions (M-RoPE): every kept row keeps its *original* ``(t, h, w)`` position, and text after an item keeps
@@ -40,10 +40,8 @@ this model) and a single pipeline stage.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -51,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from textscythe_vllm import LOGGER_NAME, explain, metrics
+from textscythe_vllm import LOGGER_NAME, explain
 from textscythe_vllm._vllm import (
     MULTIMODAL_REGISTRY,
     EmbeddingItems,
@@ -59,18 +57,10 @@ from textscythe_vllm._vllm import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
-    image_features,
-    video_features,
 )
+from textscythe_vllm.probes import RotaryAttentionProbe
 from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
-from textscythe_vllm.pruning import (
-    ModalityPruningMixin,
-    explaining,
-    mean_received_attention,
-    needs_attention,
-    prune_items_with_positions,
-    sum_over_ranks,
-)
+from textscythe_vllm.pruning import EncodedItems, PruningModel
 from textscythe_vllm.request import BUDGET_FIELD, PruningRequest, PruningRequestError
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -143,79 +133,27 @@ def split_position_channels(
     return cleaned, (token_index[torch.cat(tagged_rows)], torch.cat(offsets, dim=1))
 
 
-class VisionAttentionProbe:
-    """Mean attention received per patch at the last full-attention block of a Qwen2.5-VL vision tower.
+def vision_attention_probe(visual: torch.nn.Module) -> RotaryAttentionProbe:
+    """The probe on the last full-attention block's rotary module (its ``cu_seqlens`` segments are whole images
+    or whole temporal patches of a video)."""
+    attention = visual.blocks[max(visual.fullatt_block_indexes)].attn
+    return RotaryAttentionProbe(attention.apply_rotary_emb, local_heads=attention.num_attention_heads_per_partition,
+                                head_dim=attention.hidden_size_per_attention_head, tp_size=attention.tp_size)
 
-    A forward hook on that block's rotary-embedding module sees the rotated queries and keys of every patch
-    (``[2, S, heads, d]``, in the tower's window order). For each full-attention sequence -- one image or one
-    temporal patch of a video -- it computes ``sum_h mean_i softmax(q_i k^T / sqrt(d))`` in query chunks.
-    With tensor parallelism each rank holds some heads; the sums are all-reduced. :meth:`item_attention` maps
-    the per-patch values to each item's merged rows in raster order.
-    """
 
-    def __init__(self, visual: torch.nn.Module) -> None:
-        self.visual = visual
-        self.layer = max(visual.fullatt_block_indexes)
-        attention = visual.blocks[self.layer].attn
-        self.local_heads = attention.num_attention_heads_per_partition
-        self.head_dim = attention.hidden_size_per_attention_head
-        self.tp_size = attention.tp_size
-        self.scale = self.head_dim**-0.5
-        self._segments: list[int] | None = None
-        self._captured: list[Tensor] = []
-        self.seconds = 0.0
-        attention.apply_rotary_emb.register_forward_hook(self._on_rotary)
-
-    @contextlib.contextmanager
-    def capture(self, grid_thw: Sequence[Sequence[int]]) -> Iterator[list[Tensor]]:
-        """Collect the ``[S]`` per-patch attention of the tower call(s) made inside the block for ``grid_thw``."""
-        self._segments = [int(h) * int(w) for t, h, w in grid_thw for _ in range(int(t))]
-        self._captured = captured = []
-        self.seconds = 0.0
-        try:
-            yield captured
-        finally:
-            self._segments = None
-
-    def _on_rotary(self, module: torch.nn.Module, args: object, output: object) -> None:
-        if self._segments is None:
-            return
-        started = time.perf_counter()
-        rotated = output[0] if isinstance(output, tuple) else output  # [2 * batch, S, heads, d], batch = 1
-        if rotated.shape[0] != 2 or rotated.shape[1] != sum(self._segments):
-            logger.warning("textscythe: unexpected rotary output %s for segments summing to %d; no attention",
-                           tuple(rotated.shape), sum(self._segments))
-            return
-        self._captured.append(self._received_attention(rotated[0].float(), rotated[1].float()))
-        self.seconds += time.perf_counter() - started
-
-    def _received_attention(self, query: Tensor, key: Tensor) -> Tensor:
-        """``[S]``: per patch, the mean over heads and over its sequence's queries of the attention it receives."""
-        assert self._segments is not None
-        received = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
-        start = 0
-        for length in self._segments:
-            received[start:start + length] = mean_received_attention(
-                query[start:start + length], key[start:start + length], self.scale
-            )
-            start += length
-        received = sum_over_ranks(received, self.tp_size)
-        return received / (self.local_heads * self.tp_size)
-
-    def item_attention(self, patches: Tensor, grid_thw: Sequence[Sequence[int]]) -> list[Tensor]:
-        """Per item ``[t * h/m * w/m]``: the per-patch values averaged over each merged row's ``m*m`` patches,
-        taken from the tower's window order back to raster order."""
-        unit = self.visual.spatial_merge_unit
-        merged = patches.reshape(-1, unit).mean(dim=1)  # window order, one value per merged row
-        items, offset = [], 0
-        for t, h, w in grid_thw:
-            window_index, _ = self.visual.get_window_index_thw(int(t), int(h), int(w))
-            count = window_index.numel()
-            raster = torch.empty(count, dtype=merged.dtype, device=merged.device)
-            raster[window_index.to(merged.device)] = merged[offset:offset + count]
-            items.append(raster)
-            offset += count
-        return items
+def merged_row_attention(visual: torch.nn.Module, patches: Tensor, grid_thw: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Per item ``[t * h/m * w/m]``: the per-patch values averaged over each merged row's ``m*m`` patches, taken
+    from the tower's window order back to raster order."""
+    merged = patches.reshape(-1, visual.spatial_merge_unit).mean(dim=1)  # window order, one value per merged row
+    items, offset = [], 0
+    for t, h, w in grid_thw:
+        window_index, _ = visual.get_window_index_thw(int(t), int(h), int(w))
+        count = window_index.numel()
+        raster = torch.empty(count, dtype=merged.dtype, device=merged.device)
+        raster[window_index.to(merged.device)] = merged[offset:offset + count]
+        items.append(raster)
+        offset += count
+    return items
 
 
 class TextScytheQwen2_5_VLMultiModalProcessor(PruningProcessorMixin, Qwen2_5_VLMultiModalProcessor):
@@ -263,7 +201,7 @@ class TextScytheQwen2_5_VLMultiModalProcessor(PruningProcessorMixin, Qwen2_5_VLM
     info=with_plugin_context(Qwen2_5_VLProcessingInfo),
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
-class TextScytheQwen2_5_VLForConditionalGeneration(ModalityPruningMixin, Qwen2_5_VLForConditionalGeneration):
+class TextScytheQwen2_5_VLForConditionalGeneration(PruningModel, Qwen2_5_VLForConditionalGeneration):
     pruned_modalities = MODALITIES
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
@@ -271,58 +209,46 @@ class TextScytheQwen2_5_VLForConditionalGeneration(ModalityPruningMixin, Qwen2_5
         # vLLM's EVS owns positions when it is on; this class then stays stock (the processor refuses budgets).
         self._evs = bool(self.is_multimodal_pruning_enabled)
         self._embeds_width = vllm_config.model_config.get_inputs_embeds_size()
-        self.attention_probe = None if self.use_data_parallel else VisionAttentionProbe(self.visual)
+        self.attention_probe = None if self.use_data_parallel else vision_attention_probe(self.visual)
         self._pending_positions: tuple[Tensor, Tensor] | None = None
         if vllm_config.parallel_config.pipeline_parallel_size > 1 and not self._evs:
             logger.warning("textscythe: Qwen2.5-VL requests with a visual_token_budget need a single pipeline "
                            "stage; later stages would place the kept visual tokens at their item's first position")
-        metrics.setup_worker_metrics(vllm_config.model_config.served_model_name)
 
     # -- encoder ------------------------------------------------------------------------------------------
 
-    def _pruning_enabled(self) -> bool:
+    def pruning_enabled(self) -> bool:
         return not self._evs
 
-    def _num_items(self, modality: str, modality_input: Any) -> int:
+    def count_items(self, modality: str, modality_input: Any) -> int:
         return int(modality_input[f"{modality}_grid_thw"].shape[0])
 
-    def _embed_items(self, modality: str, modality_input: Any, plans: Any) -> list[Tensor]:
-        def process(modality_input: Any) -> Any:
-            return (image_features if modality == "image" else video_features)(self, modality_input)
-
-        if plans is None:
-            return list(process(modality_input))
+    def encode_items(self, modality: str, modality_input: Any, *, with_attention: bool,
+                     with_layouts: bool) -> EncodedItems:
         grid_thw = [[int(v) for v in row] for row in modality_input[f"{modality}_grid_thw"].tolist()]
-        probe = (self.attention_probe if modality_input["type"].startswith("pixel_values") and needs_attention(plans)
-                 else None)
+        probe = self.attention_probe if modality_input["type"].startswith("pixel_values") and with_attention else None
         attention: list[Tensor | None] = [None] * len(grid_thw)
         seconds = 0.0
         if probe is None:
-            features = list(process(modality_input))
+            features = self.stock_features(modality, modality_input)
         else:
-            with probe.capture(grid_thw) as captured:
-                features = list(process(modality_input))
+            with probe.capture_segments([h * w for t, h, w in grid_thw for _ in range(t)]) as captured:
+                features = self.stock_features(modality, modality_input)
             if captured:
-                attention = list(probe.item_attention(captured[-1], grid_thw))
-                seconds = probe.seconds
+                attention, seconds = list(merged_row_attention(self.visual, captured[-1], grid_thw)), probe.seconds
             else:
                 logger.warning("textscythe: the vision attention probe saw no forward pass; selecting without it")
         merge = self.visual.spatial_merge_size
         layouts = ([explain.patch_grid(h // merge, w // merge, t, region="whole") for t, h, w in grid_thw]
-                   if explaining(plans) else None)
-        results = prune_items_with_positions(
-            features, attention, plans, self.get_language_model().embed_input_ids, attention_seconds=seconds,
-            layouts=layouts,
-        )
-        rows_out = []
-        for index, ((rows, kept), (t, h, w)) in enumerate(zip(results, grid_thw, strict=True)):
-            if kept is None:
-                rows_out.append(rows)
-                continue
-            relative = grid_positions(t, h // merge, w // merge, self._t_factor(modality, modality_input, index))
-            relative = torch.from_numpy(relative).to(kept.device)[:, kept]  # [3, K]
-            rows_out.append(torch.cat([rows, encode_positions(relative, rows.dtype)], dim=1))
-        return rows_out
+                   if with_layouts else None)
+        return EncodedItems(features, attention, None, layouts, seconds)
+
+    def place_rows(self, modality: str, modality_input: Any, index: int, rows: Tensor, kept: Tensor) -> Tensor:
+        t, h, w = (int(v) for v in modality_input[f"{modality}_grid_thw"][index].tolist())
+        merge = self.visual.spatial_merge_size
+        relative = grid_positions(t, h // merge, w // merge, self._t_factor(modality, modality_input, index))
+        relative = torch.from_numpy(relative).to(kept.device)[:, kept]  # [3, K]
+        return torch.cat([rows, encode_positions(relative, rows.dtype)], dim=1)
 
     def _t_factor(self, modality: str, modality_input: Any, index: int) -> float:
         """Temporal position step of item ``index``, as stock vLLM's ``iter_mm_grid_thw`` computes it."""

@@ -1,0 +1,193 @@
+"""Attention probes: the attention each visual token receives in a vision tower, read off vLLM's own forward pass.
+
+Every probe is a forward hook on a module of the tower's last (feature) attention layer that already holds the
+queries and keys vLLM computed -- the fused ``qkv_proj`` output of CLIP/SigLIP, the rotated ``[q; k]`` of the Qwen
+towers -- so the attention backend is never touched and nothing is recomputed but the scores. Scores are formed
+in float32, per sequence and in query chunks of at most :data:`PROBE_BLOCK_ELEMENTS`; no ``S x S`` matrix is held.
+
+One head reduction for all of them (:func:`mean_over_heads`): each rank sums over the heads it holds, the sums
+are all-reduced under tensor parallelism, and the total is divided by the model's head count, so every rank
+returns the same scores.
+
+Definitions (``h`` heads, ``d`` head width, sequence of ``S`` tokens):
+
+* [CLS] attention (CLIP): ``A_j = 1/H sum_h softmax_j(q_cls^h . k^h / sqrt(d))``;
+* mean received attention (towers without [CLS]): ``A_j = 1/H sum_h 1/S sum_i softmax_j(q_i^h . k^h / sqrt(d))``.
+
+Family modules lay these per-patch scores out like their features (any-resolution merge, pooling, pixel shuffle,
+patch merger); see ``textscythe_vllm/models``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from textscythe_vllm import LOGGER_NAME, _vllm
+
+logger = logging.getLogger(LOGGER_NAME)
+
+#: Elements of one ``[heads, queries, keys]`` score block when attention is averaged over all queries (fp32:
+#: 64 MiB).
+PROBE_BLOCK_ELEMENTS = 1 << 24
+
+
+def mean_over_heads(head_sums: Tensor, total_heads: int, tp_size: int) -> Tensor:
+    """This rank's sums over its heads -> the mean over all ``total_heads`` heads, the same on every rank."""
+    if tp_size > 1:
+        head_sums = _vllm.tensor_model_parallel_all_reduce(head_sums)
+    return head_sums / total_heads
+
+
+def mean_received_attention(
+    query: Tensor,  # [L, h, d] one sequence's queries (this rank's heads)
+    key: Tensor,  # [L, h, d] its keys
+    scale: float,
+) -> Tensor:
+    """``[L]``: for each token ``j``, ``sum_h 1/L sum_i softmax_j(q_i^h . k^h * scale)_j`` -- the attention it
+    receives, averaged over the sequence's queries and *summed* over the given heads (then
+    :func:`mean_over_heads`)."""
+    length, heads = query.shape[0], query.shape[1]
+    keys = key.float().permute(1, 2, 0)  # [h, d, L]
+    total = torch.zeros(length, dtype=torch.float32, device=query.device)
+    chunk = max(1, PROBE_BLOCK_ELEMENTS // (heads * length))
+    for first in range(0, length, chunk):
+        queries = query[first:first + chunk].float().transpose(0, 1)  # [h, c, d]
+        scores = torch.bmm(queries, keys) * scale  # [h, c, L]
+        total += torch.softmax(scores, dim=-1).sum(dim=(0, 1))
+    return total / length
+
+
+class AttentionProbe:
+    """A forward hook that turns one module's output into scores while :meth:`capture` is open.
+
+    Subclasses implement :meth:`scores` (module output -> scores). ``seconds`` is the time spent scoring during
+    the last capture (reported as part of the selection time).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self._captured: list[Tensor] | None = None
+        self.seconds = 0.0
+        module.register_forward_hook(self._on_output)
+
+    def _on_output(self, module: torch.nn.Module, args: object, output: object) -> None:
+        if self._captured is None:
+            return
+        started = time.perf_counter()
+        scores = self.scores(output[0] if isinstance(output, tuple) else output)
+        if scores is not None:
+            self._captured.append(scores)
+        self.seconds += time.perf_counter() - started
+
+    def scores(self, output: Tensor) -> Tensor | None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[Tensor]]:
+        """Collect the scores of every forward pass of the hooked module inside the block."""
+        self._captured = captured = []
+        self.seconds = 0.0
+        try:
+            yield captured
+        finally:
+            self._captured = None
+
+
+class ClsAttentionProbe(AttentionProbe):
+    """[CLS] attention of a CLIP tower's feature layer, ``[B, S]``: a hook on that layer's ``qkv_proj`` (vLLM
+    builds the tower only up to the feature layer, so it is the last one) takes the [CLS] query row and all
+    keys -- O(S * d) per head."""
+
+    def __init__(self, attention: torch.nn.Module) -> None:
+        self._attention = attention
+        super().__init__(attention.qkv_proj)
+
+    @classmethod
+    def for_clip_tower(cls, vision_tower: torch.nn.Module) -> ClsAttentionProbe | None:
+        if not isinstance(vision_tower, _vllm.CLIPVisionModel):
+            return None
+        return cls(vision_tower.vision_model.encoder.layers[-1].self_attn)
+
+    def scores(self, qkv: Tensor) -> Tensor:  # qkv: [B, S, 3 * local_dim]
+        attention = self._attention
+        heads, head_dim = attention.num_heads_per_partition, attention.head_dim
+        batch, seq_len = qkv.shape[0], qkv.shape[1]
+        query, key, _ = qkv.float().chunk(3, dim=-1)
+        cls_query = query[:, 0].reshape(batch, heads, head_dim)  # [B, h, d]
+        keys = key.reshape(batch, seq_len, heads, head_dim)  # [B, S, h, d]
+        scores = torch.einsum("bhd,bshd->bhs", cls_query, keys) * attention.scale
+        summed = torch.softmax(scores, dim=-1).sum(dim=1)  # [B, S], summed over this rank's heads
+        return mean_over_heads(summed, attention.num_heads, attention.tp_size)
+
+
+class MeanAttentionProbe(ClsAttentionProbe):
+    """Mean attention each token *receives* at a SigLIP tower's feature layer (no [CLS]), ``[B, S]`` per view,
+    from the same ``qkv_proj`` hook."""
+
+    @classmethod
+    def for_siglip_tower(cls, vision_tower: torch.nn.Module) -> MeanAttentionProbe | None:
+        if not isinstance(vision_tower, _vllm.SiglipVisionModel):
+            return None
+        return cls(vision_tower.vision_model.encoder.layers[-1].self_attn)
+
+    def scores(self, qkv: Tensor) -> Tensor:
+        attention = self._attention
+        heads, head_dim = attention.num_heads_per_partition, attention.head_dim
+        batch, seq_len = qkv.shape[0], qkv.shape[1]
+        query, key, _ = qkv.chunk(3, dim=-1)
+        summed = torch.stack([
+            mean_received_attention(
+                query[view].reshape(seq_len, heads, head_dim), key[view].reshape(seq_len, heads, head_dim),
+                attention.scale,
+            )
+            for view in range(batch)
+        ])  # [B, S]
+        return mean_over_heads(summed, attention.num_heads, attention.tp_size)
+
+
+def tower_attention_probe(vision_tower: torch.nn.Module) -> ClsAttentionProbe | None:
+    """The probe of a LLaVA-family tower: [CLS] attention for CLIP, mean received attention for SigLIP; ``None``
+    for any other tower (selection then runs without attention)."""
+    return ClsAttentionProbe.for_clip_tower(vision_tower) or MeanAttentionProbe.for_siglip_tower(vision_tower)
+
+
+class RotaryAttentionProbe(AttentionProbe):
+    """Mean attention received per patch at one block of a Qwen-style tower, whose patches of *all* items of a
+    batch form one packed sequence split by ``cu_seqlens`` into full-attention segments (one image, or one
+    temporal patch of a video).
+
+    The hook sits on the block's rotary module, whose output is the rotated ``[q; k]`` (``[2, S, heads, d]``);
+    :meth:`capture` is told the segment lengths. Scores: ``[S]`` in the tower's patch order.
+    """
+
+    def __init__(self, rotary: torch.nn.Module, *, local_heads: int, head_dim: int, tp_size: int) -> None:
+        self.local_heads, self.head_dim, self.tp_size = local_heads, head_dim, tp_size
+        self.scale = head_dim**-0.5
+        self._segments: list[int] = []
+        super().__init__(rotary)
+
+    @contextlib.contextmanager
+    def capture_segments(self, segments: Sequence[int]) -> Iterator[list[Tensor]]:
+        self._segments = [int(length) for length in segments]
+        with self.capture() as captured:
+            yield captured
+
+    def scores(self, rotated: Tensor) -> Tensor | None:
+        if rotated.shape[0] != 2 or rotated.shape[1] != sum(self._segments):
+            logger.warning("textscythe: unexpected rotary output %s for segments summing to %d; no attention",
+                           tuple(rotated.shape), sum(self._segments))
+            return None
+        query, key = rotated[0].float(), rotated[1].float()
+        received = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
+        start = 0
+        for length in self._segments:
+            received[start:start + length] = mean_received_attention(
+                query[start:start + length], key[start:start + length], self.scale
+            )
+            start += length
+        return mean_over_heads(received, self.local_heads * self.tp_size, self.tp_size)
