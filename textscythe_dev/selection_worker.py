@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from textscythe_vllm import pruning
-from textscythe_vllm.processing import ImagePlan
+from textscythe_vllm.processing import ItemPlan
 
 
 def perturb_process_state(seed: int, threads: int) -> None:
@@ -49,7 +49,7 @@ def run_cases(payload: dict) -> list[dict[str, torch.Tensor]]:
     pruning.metrics.record_fallback = fallbacks.append
     try:
         for case in payload["cases"]:
-            plan = ImagePlan(int(case["budget"]), case["selector"], tuple(int(i) for i in case["instruction"]))
+            plan = ItemPlan(int(case["budget"]), case["selector"], tuple(int(i) for i in case["instruction"]))
             kept_positions.clear()
             fallbacks.clear()
             (rows,) = pruning.prune_items(

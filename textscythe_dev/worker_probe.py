@@ -21,7 +21,7 @@ def probe_llava(model: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]
     """
     import torch
 
-    from textscythe_vllm.processing import PLAN_FIELD, ImagePlan
+    from textscythe_vllm.processing import PLAN_FIELD, ItemPlan
 
     device = next(model.parameters()).device
     results = []
@@ -33,7 +33,7 @@ def probe_llava(model: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]
             attention = captured[-1][0]
             if model.config.vision_feature_select_strategy == "default":
                 attention = attention[1:]
-            plan = ImagePlan(budget=int(item["budget"]), selector=item["selector"],
+            plan = ItemPlan(budget=int(item["budget"]), selector=item["selector"],
                              instruction=tuple(int(t) for t in item["instruction"]))
             rows = model.embed_multimodal(pixel_values=pixel_values, **{PLAN_FIELD: [plan.encode()]})
             results.append({
