@@ -16,7 +16,7 @@ from textscythe_vllm.instruction import (
     find_subsequence,
     instruction_token_ids,
 )
-from textscythe_vllm.processing import ItemPlan, prune_prompt_update, strip_private_kwargs
+from textscythe_vllm.processing import ItemPlan, embed_runs, prune_prompt_update, spread_budget, strip_private_kwargs
 from textscythe_vllm.request import PruningRequest, PruningRequestError
 from textscythe_vllm.selectors import available_selectors
 
@@ -104,6 +104,45 @@ def test_prune_prompt_update_keeps_non_embedding_tokens():
     assert prune_prompt_update(plain, 10) is plain
     wrapped = _Update(_Details([1] + [7] * 10 + [2], is_embed=lambda full: torch.tensor(full) == 7))
     assert prune_prompt_update(wrapped, 3).content.full == [1, 7, 7, 7, 2]
+
+
+def test_spread_budget_is_even_capped_and_exact():
+    assert spread_budget(10, [4, 4, 4]) == [4, 3, 3]
+    assert spread_budget(7, [1, 10, 10]) == [1, 3, 3]
+    assert spread_budget(100, [4, 5]) == [4, 5]
+    assert spread_budget(2, [3, 3, 3]) == [1, 1, 0]
+    for budget in range(0, 30):
+        for sizes in ([5], [3, 0, 7], [2, 9, 1, 4]):
+            quotas = spread_budget(budget, sizes)
+            assert sum(quotas) == min(budget, sum(sizes)) and all(0 <= q <= n for q, n in zip(quotas, sizes))
+
+
+def test_prune_prompt_update_spreads_over_frames_and_keeps_timestamps():
+    # two frames, each "<ts> <start> 7 7 7 7 <end>": 3 kept -> 2 in the first frame, 1 in the second
+    frame = [50, 1, 7, 7, 7, 7, 2]
+    update = _Update(_Details(frame + [51, *frame[1:]], is_embed=lambda full: torch.tensor(full) == 7))
+    assert embed_runs([token == 7 for token in update.content.full]) == [4, 4]
+    assert prune_prompt_update(update, 3).content.full == [50, 1, 7, 7, 2, 51, 1, 7, 2]
+    assert prune_prompt_update(update, 1).content.full == [50, 1, 7, 2, 51, 1, 2]
+
+
+def test_segmented_selection_keeps_each_segments_quota():
+    features = _features(30)
+    plan = ItemPlan(budget=7, selector="divprune", instruction=())
+    rows, positions = pruning.choose_rows_and_positions(features, None, features[:0], plan, segments=[10, 10, 10])
+    assert rows.shape == (7, 16) and positions.tolist() == sorted(positions.tolist())
+    per_segment = torch.bincount(positions // 10, minlength=3).tolist()
+    assert per_segment == spread_budget(7, [10, 10, 10]) == [3, 2, 2]
+    assert torch.equal(rows, features[positions])
+
+
+def test_segmented_fallback_keeps_the_quotas(monkeypatch):
+    monkeypatch.setenv(pruning.FAULT_INJECTION_ENV, "1")
+    features = _features(12)
+    _, positions = pruning.choose_rows_and_positions(features, None, features[:0], ItemPlan(5, "textscythe", ()),
+                                                     segments=[4, 8])
+    assert spread_budget(5, [4, 8]) == [3, 2]
+    assert positions.shape == (5,) and int((positions < 4).sum()) == 3
 
 
 def _features(n: int = 48, d: int = 16, seed: int = 0) -> torch.Tensor:

@@ -159,19 +159,57 @@ def plan_items(
     return tuple(ItemPlan(request.budget, request.selector, ids) for ids in instructions)
 
 
+def spread_budget(budget: int, sizes: Sequence[int]) -> list[int]:
+    """How many of an item's ``min(budget, sum(sizes))`` tokens each of its segments keeps -- a segment being a
+    run of placeholders between text the prompt keeps (a video frame after its timestamp): as even as the sizes
+    allow (water-filling), the remainder to the earliest segments. The processor trims each run and the model
+    selects within each segment with these same quotas, so rows and placeholders line up frame by frame."""
+    quotas = [0] * len(sizes)
+    remaining = min(budget, sum(sizes))
+    while remaining > 0:
+        open_segments = [index for index, size in enumerate(sizes) if quotas[index] < size]
+        share, extra = divmod(remaining, len(open_segments))
+        for rank, index in enumerate(open_segments):
+            given = min(sizes[index] - quotas[index], share + (1 if rank < extra else 0))
+            quotas[index] += given
+            remaining -= given
+    return quotas
+
+
+def embed_runs(is_embed: Sequence[bool]) -> list[int]:
+    """Lengths of the maximal runs of embedding positions, in order."""
+    runs: list[int] = []
+    previous = False
+    for embed in is_embed:
+        if embed:
+            if previous:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        previous = bool(embed)
+    return runs
+
+
 def prune_prompt_update(update: Any, budget: int) -> Any:
-    """Keep the first ``budget`` embedding positions of a resolved prompt update; other tokens stay."""
+    """Keep ``min(budget, N)`` of the ``N`` embedding positions of a resolved prompt update; other tokens (a
+    video's timestamps, begin/end markers) stay. One run of placeholders keeps its first positions; several runs
+    (frames between timestamps) keep the first :func:`spread_budget` quota of each."""
     content = update.content
     full = list(content.full)
     is_embed = [True] * len(full) if content.is_embed is None else content.is_embed(full).tolist()
     if sum(is_embed) <= budget:
         return update
-    kept, seen = [], 0
+    quotas = iter(spread_budget(budget, embed_runs(is_embed)))
+    kept, quota, previous = [], 0, False
     for token, embed in zip(full, is_embed, strict=True):
         if embed:
-            seen += 1
-            if seen > budget:
+            if not previous:
+                quota = next(quotas)
+            previous = True
+            if quota == 0:
                 continue
+            quota -= 1
+        previous = bool(embed)
         kept.append(token)
     return replace(update, content=replace(content, full=kept))
 

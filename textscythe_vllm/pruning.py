@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from textscythe_vllm import LOGGER_NAME, _vllm, explain, metrics
-from textscythe_vllm.processing import ItemPlan, plan_field
+from textscythe_vllm.processing import ItemPlan, plan_field, spread_budget
 from textscythe_vllm.selectors import TokenSelector, get_selector
 from textscythe_vllm.selectors.textscythe import entropy_ratio
 
@@ -83,6 +83,7 @@ def choose_rows_and_positions(
     candidates: Tensor | None = None,
     extra_seconds: float = 0.0,
     layout: dict[str, Any] | None = None,  # how the rows lie on the item (explanations); default: square grid
+    segments: Sequence[int] | None = None,  # row counts of the item's segments (video frames), summing to M
 ) -> tuple[Tensor, Tensor]:
     """``(rows [min(budget, M), D], positions [min(budget, M)])``: the rows to feed the LLM, in position order,
     and the ascending row index in ``features`` each one stands at (a merged row stands at its selector's
@@ -90,7 +91,8 @@ def choose_rows_and_positions(
 
     Pruning selectors return kept rows; merging selectors (visionzip, visiondrop) return merged rows. Layout
     rows (LLaVA-NeXT's newline tokens) are not selected while image rows remain; when the budget exceeds the
-    image rows, the earliest layout rows fill the rest so the count still matches the placeholders.
+    image rows, the earliest layout rows fill the rest so the count still matches the placeholders. An item in
+    ``segments`` keeps :func:`~textscythe_vllm.processing.spread_budget` rows of each, chosen within it.
     """
     num_rows = features.shape[0]
     keep = min(plan.budget, num_rows)
@@ -109,7 +111,9 @@ def choose_rows_and_positions(
                 f"attention ({None if attention is None else attention.shape[0]}) or layout "
                 f"({None if candidates is None else candidates.shape[0]}) rows differ from the {num_rows} features"
             )
-        positions, rows, info = _select(features, attention, text, plan.selector, keep, candidates)
+        if segments is not None and sum(segments) != num_rows:
+            raise RuntimeError(f"segments of {sum(segments)} rows for {num_rows} features")
+        positions, rows, info = _select_segments(features, attention, text, plan.selector, keep, candidates, segments)
         if rows.shape != (keep, features.shape[1]):
             raise RuntimeError(f"selector {plan.selector!r} returned {tuple(rows.shape)}, expected {keep} rows")
         fallback = None
@@ -117,13 +121,15 @@ def choose_rows_and_positions(
         logger.exception("textscythe: selector %r failed; falling back to %r", plan.selector, FALLBACK_SELECTOR)
         metrics.record_fallback(plan.selector)
         info, fallback = {}, FALLBACK_SELECTOR
+        segments = segments if segments is not None and sum(segments) == num_rows else None
         try:
-            positions, rows, _ = _select(
-                features, None, text[:0], FALLBACK_SELECTOR, keep, candidates if layout_matches else None
+            positions, rows, _ = _select_segments(
+                features, None, text[:0], FALLBACK_SELECTOR, keep, candidates if layout_matches else None, segments
             )
         except Exception:
             logger.exception("textscythe: fallback selector failed; keeping the first %d rows", keep)
-            positions, rows, fallback = torch.arange(keep, device=features.device), features[:keep], "first_rows"
+            positions = _first_rows(keep, segments, features.device)
+            rows, fallback = features[positions], "first_rows"
     seconds = time.perf_counter() - started + extra_seconds
     metrics.record_selection(plan.selector, seconds)
     _log_selection(plan, num_rows, positions)
@@ -166,6 +172,37 @@ def _log_selection(plan: ItemPlan, num_rows: int, positions: Tensor) -> None:
             log.write(json.dumps(record) + "\n")
     except OSError:
         logger.warning("textscythe: cannot write the selection log %s", path, exc_info=True)
+
+
+def _first_rows(keep: int, segments: Sequence[int] | None, device: torch.device) -> Tensor:
+    """``[keep]``: the first rows of the item, or of each segment by its quota."""
+    if segments is None:
+        return torch.arange(keep, device=device)
+    starts = [sum(segments[:index]) for index in range(len(segments))]
+    return torch.cat([torch.arange(start, start + quota, device=device)
+                      for start, quota in zip(starts, spread_budget(keep, segments), strict=True)])
+
+
+def _select_segments(
+    features: Tensor, attention: Tensor | None, text: Tensor, selector: str, keep: int, candidates: Tensor | None,
+    segments: Sequence[int] | None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """:func:`_select` over the whole item, or within each segment for its quota (positions stay item-wide)."""
+    if segments is None or len(segments) == 1:
+        return _select(features, attention, text, selector, keep, candidates)
+    positions, rows, info, start = [], [], {}, 0
+    for size, quota in zip(segments, spread_budget(keep, segments), strict=True):
+        part = slice(start, start + size)
+        if quota:
+            segment_positions, segment_rows, segment_info = _select(
+                features[part], None if attention is None else attention[part], text, selector, quota,
+                None if candidates is None else candidates[part],
+            )
+            positions.append(segment_positions + start)
+            rows.append(segment_rows)
+            info = info or {key: value for key, value in segment_info.items() if key == "key_text_mask"}
+        start += size
+    return torch.cat(positions), torch.cat(rows), info
 
 
 def _select(
@@ -217,6 +254,7 @@ def prune_items_with_positions(
     candidates: Sequence[Tensor | None] | None = None,
     attention_seconds: float = 0.0,
     layouts: Sequence[dict[str, Any] | None] | None = None,  # per item, for explanations
+    segments: Sequence[Sequence[int] | None] | None = None,  # per item: row counts of its segments, or None
 ) -> list[tuple[Tensor, Tensor | None]]:
     """:func:`prune_items` with each pruned item's kept positions (``[K]`` ascending row indices of its
     features); ``None`` for an item that comes back unchanged."""
@@ -238,7 +276,7 @@ def prune_items_with_positions(
         text = embed_tokens(ids) if ids.numel() else item.new_zeros((0, item.shape[1]))
         pruned.append(choose_rows_and_positions(
             item, attention[index], text, plan, None if candidates is None else candidates[index], share,
-            None if layouts is None else layouts[index],
+            None if layouts is None else layouts[index], None if segments is None else segments[index],
         ))
     return pruned
 
@@ -252,6 +290,9 @@ class EncodedItems:
     candidates: list[Tensor | None] | None = None  # per item [M_i] bool: content rows (False: layout rows)
     layouts: list[dict[str, Any] | None] | None = None  # per item: how rows lie on the item (explanations)
     attention_seconds: float = 0.0  # time spent computing ``attention`` for the whole batch
+    #: per item: row counts of its segments -- runs of placeholders the prompt separates by text it keeps (a
+    #: video's frames between timestamps), each pruned to its share of the budget; None: one run
+    segments: list[list[int] | None] | None = None
 
 
 class PruningModel:
@@ -325,7 +366,7 @@ class PruningModel:
                                     with_layouts=explaining(plans))
         results = prune_items_with_positions(
             encoded.features, encoded.attention, plans, self.get_language_model().embed_input_ids,  # type: ignore[attr-defined]
-            encoded.candidates, encoded.attention_seconds, encoded.layouts,
+            encoded.candidates, encoded.attention_seconds, encoded.layouts, encoded.segments,
         )
         return [rows if kept is None else self.place_rows(modality, modality_input, index, rows, kept)
                 for index, (rows, kept) in enumerate(results)]
