@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from textscythe_dev.server import Served, VLLMServer
+
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -26,3 +28,23 @@ def tiny_llava_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from textscythe_dev.tiny_models import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava-1.5-weights"), kind="llava-1.5", with_weights=True)
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The real ``vllm serve`` (with the plugin) a server test module declares as ``SERVED = Served(...)``."""
+    spec: Served = request.module.SERVED
+    env = request.getfixturevalue(spec.env_fixture) if spec.env_fixture else None
+    log = tmp_path_factory.mktemp("logs") / f"vllm-{spec.name}.log"
+    with VLLMServer(request.getfixturevalue(spec.model), spec.args, env=env, log_path=log,
+                    served_model_name=spec.name) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(request: pytest.FixtureRequest, server: VLLMServer):
+    """The ``openai`` SDK pointed at the module's server (no retries: a failure is the server's answer)."""
+    import openai
+
+    spec: Served = request.module.SERVED
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=spec.api_key, max_retries=0, timeout=spec.timeout)

@@ -16,7 +16,13 @@ from textscythe_vllm.instruction import (
     find_subsequence,
     instruction_token_ids,
 )
-from textscythe_vllm.processing import ItemPlan, embed_runs, prune_prompt_update, spread_budget, strip_private_kwargs
+from textscythe_vllm.processing import (
+    ItemPlan,
+    embed_runs,
+    prune_prompt_update,
+    spread_budget,
+    strip_private_kwargs,
+)
 from textscythe_vllm.request import PruningRequest, PruningRequestError
 from textscythe_vllm.selectors import available_selectors
 
@@ -114,13 +120,13 @@ def test_spread_budget_is_even_capped_and_exact():
     for budget in range(0, 30):
         for sizes in ([5], [3, 0, 7], [2, 9, 1, 4]):
             quotas = spread_budget(budget, sizes)
-            assert sum(quotas) == min(budget, sum(sizes)) and all(0 <= q <= n for q, n in zip(quotas, sizes))
+            assert sum(quotas) == min(budget, sum(sizes)) and all(0 <= q <= n for q, n in zip(quotas, sizes, strict=True))
 
 
 def test_prune_prompt_update_spreads_over_frames_and_keeps_timestamps():
     # two frames, each "<ts> <start> 7 7 7 7 <end>": 3 kept -> 2 in the first frame, 1 in the second
     frame = [50, 1, 7, 7, 7, 7, 2]
-    update = _Update(_Details(frame + [51, *frame[1:]], is_embed=lambda full: torch.tensor(full) == 7))
+    update = _Update(_Details([*frame, 51, *frame[1:]], is_embed=lambda full: torch.tensor(full) == 7))
     assert embed_runs([token == 7 for token in update.content.full]) == [4, 4]
     assert prune_prompt_update(update, 3).content.full == [50, 1, 7, 7, 2, 51, 1, 7, 2]
     assert prune_prompt_update(update, 1).content.full == [50, 1, 7, 2, 51, 1, 2]

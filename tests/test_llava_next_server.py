@@ -7,9 +7,10 @@ import pytest
 
 from textscythe_dev.images import scene, user_message
 from textscythe_dev.server import (
-    VLLMServer,
+    Served,
     assert_image_drives_outputs,
     assert_same_outputs,
+    chat,
     greedy_with_logprobs,
     stock_outputs,
 )
@@ -27,25 +28,11 @@ def model_dir(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava-next-weights"), kind="llava-next", with_weights=True)
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "vllm-llava-next.log"
-    with VLLMServer(model_dir, SERVER_ARGS, log_path=log, served_model_name="tiny-llava-next") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=180)
+SERVED = Served("model_dir", tuple(SERVER_ARGS), name="tiny-llava-next")
 
 
 def prompt_tokens(client, server, messages, budget=None, **extra):
-    body = dict(extra)
-    if budget is not None:
-        body["visual_token_budget"] = budget
-    return client.chat.completions.create(
-        model=server.model_name, messages=messages, max_tokens=2, temperature=0.0, extra_body=body or None
-    ).usage.prompt_tokens
+    return chat(client, server, messages, budget, max_tokens=2, **extra).usage.prompt_tokens
 
 
 def text_only_tokens(client, server) -> int:

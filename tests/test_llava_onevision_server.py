@@ -16,12 +16,13 @@ from textscythe_dev import tiny_onevision
 from textscythe_dev.images import data_url, scene
 from textscythe_dev.load import metric_sum
 from textscythe_dev.server import (
-    VLLMServer,
+    Served,
     assert_image_drives_outputs,
     assert_same_outputs,
     greedy_with_logprobs,
     stock_outputs,
 )
+from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
 
 pytestmark = pytest.mark.server
@@ -63,27 +64,16 @@ def selection_log(tmp_path_factory):
     return tmp_path_factory.mktemp("selections") / "selections.jsonl"
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, selection_log, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "vllm-onevision.log"
-    with VLLMServer(model_dir, SERVER_ARGS, env={SELECTION_LOG_ENV: str(selection_log)}, log_path=log,
-                    served_model_name="tiny-onevision") as running:
-        yield running
+SERVED = Served("model_dir", tuple(SERVER_ARGS), name="tiny-onevision", env_fixture="selection_env", timeout=300)
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+def selection_env(selection_log):
+    return {SELECTION_LOG_ENV: str(selection_log)}
 
 
 def chat(client, model, messages, budget=None, max_tokens=3, **extra):
-    body = dict(extra)
-    if budget is not None:
-        body["visual_token_budget"] = budget
-    return client.chat.completions.create(
-        model=model, messages=messages, max_tokens=max_tokens, temperature=0.0, extra_body=body or None,
-        logprobs=True,
-    )
+    return server_chat(client, model, messages, budget, max_tokens, logprobs=True, **extra)
 
 
 def tokens(client, server, messages, budget=None, **extra) -> int:

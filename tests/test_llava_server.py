@@ -10,7 +10,7 @@ import pytest
 
 from textscythe_dev.images import image_part, scene, user_message
 from textscythe_dev.load import metric_sum
-from textscythe_dev.server import VLLMServer
+from textscythe_dev.server import Served, chat
 
 pytestmark = pytest.mark.server
 
@@ -19,30 +19,8 @@ BLOCK = 32  # KV-cache block size (CPU attention needs a multiple of 32): prefix
 QUESTION = "what colour is the umbrella next to the red car ?"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llava_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "vllm-llava.log"
-    with VLLMServer(
-        tiny_llava_dir,
-        ["--load-format", "dummy", "--enable-prefix-caching", "--enable-prompt-tokens-details", "--seed", "0",
-         "--block-size", str(BLOCK)],
-        log_path=log,
-    ) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def chat(client, server, messages, budget=None, **extra):
-    body = dict(extra)
-    if budget is not None:
-        body["visual_token_budget"] = budget
-    return client.chat.completions.create(
-        model=server.model_name, messages=messages, max_tokens=3, temperature=0.0, extra_body=body or None
-    )
+SERVED = Served("tiny_llava_dir", ("--load-format", "dummy", "--enable-prefix-caching", "--enable-prompt-tokens-details",
+                                    "--seed", "0", "--block-size", str(BLOCK)), timeout=120)
 
 
 def test_budgets_change_prompt_tokens_by_exactly_the_pruned_count(client, server):

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from textscythe_dev.images import data_url, scene
-from textscythe_dev.server import VLLMServer, assert_image_drives_outputs, assert_same_outputs
+from textscythe_dev.server import Served, assert_image_drives_outputs, assert_same_outputs, chat
 
 pytestmark = pytest.mark.server
 
@@ -51,36 +51,14 @@ def tiny_qwen_dir(tmp_path_factory):
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), with_weights=True)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_qwen_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "vllm-qwen.log"
-    with VLLMServer(
-        tiny_qwen_dir,
-        ["--dtype", "float32", "--enable-prefix-caching", "--enable-prompt-tokens-details", "--seed", "0",
-         "--block-size", str(BLOCK), "--max-num-batched-tokens", "128",
-         "--limit-mm-per-prompt", '{"image": 2, "video": 2}'],
-        log_path=log, served_model_name="tiny-qwen",
-    ) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=180)
+SERVED = Served("tiny_qwen_dir", ("--dtype", "float32", "--enable-prefix-caching", "--enable-prompt-tokens-details", "--seed",
+                                   "0", "--block-size", str(BLOCK), "--max-num-batched-tokens", "128",
+                                   "--limit-mm-per-prompt", '{"image": 2, "video": 2}'), name="tiny-qwen")
 
 
 @pytest.fixture(scope="module")
 def clip():
     return video_data_url(2)
-
-
-def chat(client, server, messages, budget=None, max_tokens=3, **extra):
-    body = dict(extra)
-    if budget is not None:
-        body["visual_token_budget"] = budget
-    return client.chat.completions.create(
-        model=server.model_name, messages=messages, max_tokens=max_tokens, temperature=0.0, extra_body=body or None
-    )
 
 
 def tokens(client, server, messages, budget=None) -> int:

@@ -6,28 +6,18 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 
 from textscythe_dev.images import scene, user_message
-from textscythe_dev.server import VLLMServer
+from textscythe_dev.server import Served
 
 pytestmark = pytest.mark.server
 IMAGE_TOKENS = 576
 QUESTION = "what colour is the umbrella ?"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llava_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "vllm-default-budget.log"
-    args = ["--load-format", "dummy", "--mm-processor-kwargs", json.dumps({"visual_token_budget": 192})]
-    with VLLMServer(tiny_llava_dir, args, log_path=log) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+SERVED = Served("tiny_llava_dir", ("--load-format", "dummy", "--mm-processor-kwargs", json.dumps({"visual_token_budget": 192})),
+                timeout=120)
 
 
 def prompt_tokens(client, server, messages, **extra):

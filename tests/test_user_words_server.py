@@ -15,7 +15,7 @@ import pytest
 
 from textscythe_dev.colour_model import DEFAULT_SHAPES, Shape, colour_scene, shape_patches
 from textscythe_dev.images import data_url
-from textscythe_dev.server import VLLMServer
+from textscythe_dev.server import Served, VLLMServer
 
 pytestmark = pytest.mark.server
 
@@ -37,17 +37,7 @@ def colour_model_dir(tmp_path_factory):
     return build_colour_llava(tmp_path_factory.mktemp("colour-llava"))
 
 
-@pytest.fixture(scope="module")
-def server(colour_model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("user-words")
-    with VLLMServer(colour_model_dir, ["--dtype", "float32", "--seed", "0", "--api-key", KEY],
-                    log_path=logs / "vllm-user-words.log") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0, timeout=180)
+SERVED = Served("colour_model_dir", ("--dtype", "float32", "--seed", "0", "--api-key", KEY), api_key=KEY)
 
 
 def explanation(server, request_id: str, key: str | None = KEY) -> httpx.Response:

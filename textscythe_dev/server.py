@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -128,6 +129,36 @@ class VLLMServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
         finally:
             self.process = None
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a test module serves, declared once as its module-level ``SERVED``; ``tests/conftest.py``'s
+    module-scoped ``server`` and ``client`` fixtures start it and connect the ``openai`` SDK to it.
+
+    ``model``: the name of the fixture giving the model directory. ``env_fixture``: the name of a fixture giving
+    extra environment variables (e.g. a selection-log path), or None. ``api_key``: what the client sends (pass
+    ``--api-key`` in ``args`` for the server to require it).
+    """
+
+    model: str
+    args: tuple[str, ...] = ()
+    name: str = "tiny-llava"
+    env_fixture: str | None = None
+    api_key: str = "unused"
+    timeout: float = 180.0
+
+
+def chat(client: Any, model: str | VLLMServer, messages: list[dict[str, Any]], budget: int | None = None,
+         max_tokens: int = 3, *, logprobs: bool = False, **extra_body: Any) -> Any:
+    """A greedy chat completion with an optional ``visual_token_budget`` (and any other body fields), to a model
+    name or a :class:`VLLMServer`'s model."""
+    if budget is not None:
+        extra_body["visual_token_budget"] = budget
+    return client.chat.completions.create(
+        model=getattr(model, "model_name", model), messages=messages, max_tokens=max_tokens, temperature=0.0,
+        logprobs=logprobs, extra_body=extra_body or None,
+    )
 
 
 def greedy_with_logprobs(client: Any, model: str, messages: list[dict[str, Any]], max_tokens: int = 8,
