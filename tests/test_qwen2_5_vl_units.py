@@ -12,6 +12,7 @@ import torch
 from textscythe_dev.images import scene
 from textscythe_dev.tiny_qwen import tiny_video
 from textscythe_vllm import probes
+from textscythe_vllm.models import mrope
 from textscythe_vllm.models import qwen2_5_vl as qwen
 from textscythe_vllm.probes import RotaryAttentionProbe
 from textscythe_vllm.processing import ItemPlan, plan_field
@@ -32,26 +33,26 @@ def tiny_qwen_dir(tmp_path_factory):
 def test_position_channels_are_exact_in_every_dtype(dtype):
     offsets = torch.tensor([[0, 1, 255, 256, 65535, 70000, (1 << 24) - 1], [0, 3, 7, 9, 11, 13, 0],
                             [5, 0, 300, 4095, 2, 1, 1]])
-    channels = qwen.encode_positions(offsets, dtype)
-    assert channels.dtype == dtype and channels.shape == (offsets.shape[1], qwen.POSITION_CHANNELS)
-    assert torch.equal(qwen.decode_positions(channels), offsets)
+    channels = mrope.encode_positions(offsets, dtype)
+    assert channels.dtype == dtype and channels.shape == (offsets.shape[1], mrope.POSITION_CHANNELS)
+    assert torch.equal(mrope.decode_positions(channels), offsets)
     with pytest.raises(ValueError):
-        qwen.encode_positions(torch.tensor([[1 << 24], [0], [0]]), dtype)
+        mrope.encode_positions(torch.tensor([[1 << 24], [0], [0]]), dtype)
 
 
 def test_split_position_channels_maps_rows_to_their_tokens():
     width = 4
     plain = torch.randn(3, width)
     offsets = torch.tensor([[0, 2], [1, 0], [3, 5]])
-    pruned = torch.cat([torch.randn(2, width), qwen.encode_positions(offsets, torch.float32)], dim=1)
+    pruned = torch.cat([torch.randn(2, width), mrope.encode_positions(offsets, torch.float32)], dim=1)
     is_multimodal = torch.tensor([False, True, True, True, False, False, True, True, False])
-    cleaned, pending = qwen.split_position_channels([plain, pruned], width, is_multimodal)
+    cleaned, pending = mrope.split_position_channels([plain, pruned], width, is_multimodal)
     assert torch.equal(cleaned[0], plain) and torch.equal(cleaned[1], pruned[:, :width])
     token_index, got = pending
     assert token_index.tolist() == [6, 7] and torch.equal(got, offsets)
-    assert qwen.split_position_channels([plain], width, is_multimodal) == ([plain], None)
+    assert mrope.split_position_channels([plain], width, is_multimodal) == ([plain], None)
     with pytest.raises(RuntimeError, match="rows for"):
-        qwen.split_position_channels([plain, pruned], width, is_multimodal[:5])
+        mrope.split_position_channels([plain, pruned], width, is_multimodal[:5])
 
 
 # -- M-RoPE layout -------------------------------------------------------------------------------------------

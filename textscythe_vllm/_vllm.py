@@ -113,6 +113,35 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Qwen2_5_VLForConditionalGeneration": (f"{_MODELS}.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     "Qwen2_5_VLMultiModalProcessor": (f"{_MODELS}.qwen2_5_vl", "Qwen2_5_VLMultiModalProcessor"),
     "Qwen2_5_VLProcessingInfo": (f"{_MODELS}.qwen2_5_vl", "Qwen2_5_VLProcessingInfo"),
+    # Qwen3-VL (dense, MoE) and Qwen3.5 (dense, MoE): one processor class, one info class per architecture
+    "Qwen3VLDummyInputsBuilder": (f"{_MODELS}.qwen3_vl", "Qwen3VLDummyInputsBuilder"),
+    "Qwen3VLMultiModalProcessor": (f"{_MODELS}.qwen3_vl", "Qwen3VLMultiModalProcessor"),
+    "Qwen3VLForConditionalGeneration": (f"{_MODELS}.qwen3_vl", "Qwen3VLForConditionalGeneration"),
+    "Qwen3VLProcessingInfo": (f"{_MODELS}.qwen3_vl", "Qwen3VLProcessingInfo"),
+    "Qwen3VLMoeForConditionalGeneration": (f"{_MODELS}.qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration"),
+    "Qwen3VLMoeProcessingInfo": (f"{_MODELS}.qwen3_vl_moe", "Qwen3VLMoeProcessingInfo"),
+    "Qwen3_5ForConditionalGeneration": (f"{_MODELS}.qwen3_5", "Qwen3_5ForConditionalGeneration"),
+    "Qwen3_5ProcessingInfo": (f"{_MODELS}.qwen3_5", "Qwen3_5ProcessingInfo"),
+    "Qwen3_5MoeForConditionalGeneration": (f"{_MODELS}.qwen3_5", "Qwen3_5MoeForConditionalGeneration"),
+    "Qwen3_5MoeProcessingInfo": (f"{_MODELS}.qwen3_5", "Qwen3_5MoeProcessingInfo"),
+    # Gemma 4
+    "Gemma4DummyInputsBuilder": (f"{_MODELS}.gemma4_mm", "Gemma4DummyInputsBuilder"),
+    "Gemma4ForConditionalGeneration": (f"{_MODELS}.gemma4_mm", "Gemma4ForConditionalGeneration"),
+    "Gemma4MultiModalProcessor": (f"{_MODELS}.gemma4_mm", "Gemma4MultiModalProcessor"),
+    "Gemma4ProcessingInfo": (f"{_MODELS}.gemma4_mm", "Gemma4ProcessingInfo"),
+    "GEMMA4_SUPPORTED_SOFT_TOKENS": (f"{_MODELS}.gemma4_mm", "_SUPPORTED_SOFT_TOKENS"),
+    "GEMMA4_VIDEO_SOFT_TOKENS": (f"{_MODELS}.gemma4_mm", "_VIDEO_MAX_SOFT_TOKENS"),
+    "gemma4_configured_soft_tokens": (f"{_MODELS}.gemma4_mm", "_get_max_soft_tokens"),
+    # InternVL: the chat format (InternVLChatModel) and the HF format (InternVLForConditionalGeneration, which vLLM
+    # serves with InternS1's classes)
+    "InternVLChatModel": (f"{_MODELS}.internvl", "InternVLChatModel"),
+    "InternVLDummyInputsBuilder": (f"{_MODELS}.internvl", "InternVLDummyInputsBuilder"),
+    "InternVLMultiModalProcessor": (f"{_MODELS}.internvl", "InternVLMultiModalProcessor"),
+    "InternVLProcessingInfo": (f"{_MODELS}.internvl", "InternVLProcessingInfo"),
+    "InternS1DummyInputsBuilder": (f"{_MODELS}.interns1", "InternS1DummyInputsBuilder"),
+    "InternS1ForConditionalGeneration": (f"{_MODELS}.interns1", "InternS1ForConditionalGeneration"),
+    "InternS1MultiModalProcessor": (f"{_MODELS}.interns1", "InternS1MultiModalProcessor"),
+    "InternS1ProcessingInfo": (f"{_MODELS}.interns1", "InternS1ProcessingInfo"),
 }
 
 
@@ -132,7 +161,11 @@ def parse_multimodal_inputs(model: Any, **kwargs: object) -> dict[str, Any]:
     parse = getattr(model, "_parse_and_validate_multimodal_inputs", None)
     if parse is None:
         return {"image": model._parse_and_validate_image_input(**kwargs)}
-    return parse(**kwargs)
+    # InternVL's parsing names its modalities "images" / "videos"
+    return {_PARSED_MODALITY.get(key, key): value for key, value in parse(**kwargs).items()}
+
+
+_PARSED_MODALITY = {"images": "image", "videos": "video"}
 
 
 def image_features(model: Any, image_input: Any) -> Any:
@@ -144,6 +177,28 @@ def video_features(model: Any, video_input: Any) -> Any:
     """The same for parsed video input (``_process_video_input`` or, in LLaVA-OneVision, ``_process_video_pixels``)."""
     process = getattr(model, "_process_video_input", None) or model._process_video_pixels
     return process(video_input)
+
+
+def vision_features(model: Any, parsed_input: Any) -> Any:
+    """InternVL's tower + pixel shuffle + projector on parsed image or video input (``_process_vision_input``):
+    one ``[tiles * tokens_per_tile, D]`` tensor per image, ``[frames * tokens_per_tile, D]`` per video."""
+    return model._process_vision_input(parsed_input)
+
+
+def gemma4_num_soft_tokens(info: Any, width: int, height: int, max_soft_tokens: int | None) -> int:
+    """Gemma 4's soft tokens for one image or frame of ``width`` x ``height`` px (``_compute_num_soft_tokens``: the
+    count stock vLLM gives its placeholders); ``None``: the checkpoint's default budget."""
+    return info._compute_num_soft_tokens(width, height, max_soft_tokens=max_soft_tokens)
+
+
+def qwen3_vl_frame_runs(model_class: type, input_tokens: list[int], mm_features: list[Any], config: Any) -> Any:
+    """Qwen3-VL's own walk over a prompt's items: per image, and per frame of a video (frames sit between
+    timestamp text), ``(offset of its first placeholder, grid h, grid w, placeholders in the prompt)``."""
+    return model_class._iter_mm_grid_hw(
+        input_tokens, mm_features, video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+        spatial_merge_size=config.vision_config.spatial_merge_size,
+    )
 
 
 def merge_image_patches(model_class: type, model: Any, image_size: Any, patch_embeddings: Any, strategy: str,

@@ -22,6 +22,15 @@ MODEL_CLASSES = {
         "textscythe_vllm.models.qwen2_5_vl:TextScytheQwen2_5_VLForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration":
         "textscythe_vllm.models.llava_onevision:TextScytheLlavaOnevisionForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "textscythe_vllm.models.qwen3_vl:TextScytheQwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration":
+        "textscythe_vllm.models.qwen3_vl:TextScytheQwen3VLMoeForConditionalGeneration",
+    "Qwen3_5ForConditionalGeneration": "textscythe_vllm.models.qwen3_vl:TextScytheQwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration":
+        "textscythe_vllm.models.qwen3_vl:TextScytheQwen3_5MoeForConditionalGeneration",
+    "Gemma4ForConditionalGeneration": "textscythe_vllm.models.gemma4:TextScytheGemma4ForConditionalGeneration",
+    "InternVLChatModel": "textscythe_vllm.models.internvl:TextScytheInternVLChatModel",
+    "InternVLForConditionalGeneration": "textscythe_vllm.models.internvl:TextScytheInternVLForConditionalGeneration",
 }
 
 _registered = False

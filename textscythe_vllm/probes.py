@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -191,3 +191,95 @@ class RotaryAttentionProbe(AttentionProbe):
             )
             start += length
         return mean_over_heads(received, self.local_heads * self.tp_size, self.tp_size)
+
+
+class InternClsAttentionProbe(AttentionProbe):
+    """[CLS] attention of an InternViT layer, ``[B, S]`` per tile: a hook on the layer's ``MMEncoderAttention``,
+    whose *inputs* are the queries and keys vLLM computed -- after the optional QK RMSNorm (InternViT-6B), which a
+    hook on the projections would miss -- as ``[B, S, local_heads * d]`` (the chat format's fused ``qkv`` and the
+    HF format's ``q_proj`` / ``k_proj`` alike). Padding heads that make the head count divisible by the tensor
+    parallel size (``num_dummy_heads``, zero weights) are left out of the head mean."""
+
+    def __init__(self, attention: torch.nn.Module, *, local_heads: int, head_dim: int, total_heads: int,
+                 tp_size: int = 1, tp_rank: int = 0) -> None:
+        self.head_dim, self.total_heads, self.tp_size = head_dim, total_heads, tp_size
+        self.scale = head_dim**-0.5
+        # this rank's heads that are real (global index below the model's head count); dummy heads come last
+        first = tp_rank * local_heads
+        self.real_heads = max(0, min(local_heads, total_heads - first))
+        super().__init__(attention)
+
+    def _on_output(self, module: torch.nn.Module, args: object, output: object) -> None:
+        # score the module's inputs (q, k), handed to the base class as the first entry of a tuple
+        super()._on_output(module, args, (args[:2],))  # type: ignore[index]
+
+    def scores(self, query_key: tuple[Tensor, Tensor]) -> Tensor:  # type: ignore[override]
+        query, key = query_key  # [B, S, local_heads * d] each
+        batch, seq_len = query.shape[0], query.shape[1]
+        heads = self.real_heads
+        cls_query = query[:, 0].float().reshape(batch, -1, self.head_dim)[:, :heads]  # [B, h, d]
+        keys = key.float().reshape(batch, seq_len, -1, self.head_dim)[:, :, :heads]  # [B, S, h, d]
+        scores = torch.einsum("bhd,bshd->bhs", cls_query, keys) * self.scale
+        summed = torch.softmax(scores, dim=-1).sum(dim=1)  # [B, S], summed over this rank's real heads
+        return mean_over_heads(summed, self.total_heads, self.tp_size)
+
+
+class NormedRotaryAttentionProbe(AttentionProbe):
+    """Mean attention each patch *receives* at a transformers vision attention module whose queries and keys are
+    RMS-normalised per head (``q_norm`` / ``k_norm`` sub-modules) and then rotated by a multi-dimensional RoPE that
+    the module is handed as ``position_embeddings=(cos, sin)`` with ``position_ids`` (Gemma 4's vision tower).
+    Scores: ``[B, S]`` per batch row; padding patches (position ``(-1, -1)``) neither send nor receive attention
+    and score 0.
+
+    Three hooks, nothing recomputed but the rotation and the scores: a keyword pre-hook on the module keeps the
+    rotary tables and positions of the call, one on ``q_norm`` keeps the normalised queries, and the ``k_norm``
+    output -- the last of the three -- triggers the scoring. ``rotate(x, cos, sin, position_ids)`` is the model's
+    own RoPE function. :attr:`positions` holds each scored batch's ``[B, S, 2]`` positions, so callers can tell
+    which item each row is (encoders may batch items in another order).
+    """
+
+    def __init__(self, attention: torch.nn.Module, rotate: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], *,
+                 num_heads: int, num_key_value_heads: int, scale: float) -> None:
+        self._rotate = rotate
+        self.num_heads, self.num_key_value_heads, self.scale = num_heads, num_key_value_heads, scale
+        self._call: dict[str, object] = {}
+        self._query: Tensor | None = None
+        self.positions: list[Tensor] = []
+        attention.register_forward_pre_hook(self._on_call, with_kwargs=True)
+        attention.q_norm.register_forward_hook(self._on_query)
+        super().__init__(attention.k_norm)
+
+    def _on_call(self, module: torch.nn.Module, args: object, kwargs: dict[str, object]) -> None:
+        if self._captured is not None:
+            self._call = kwargs
+
+    def _on_query(self, module: torch.nn.Module, args: object, output: Tensor) -> None:
+        if self._captured is not None:
+            self._query = output
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[Tensor]]:
+        self.positions = []
+        try:
+            with super().capture() as captured:
+                yield captured
+        finally:
+            self._call, self._query = {}, None  # drop the last call's activations
+
+    def scores(self, key: Tensor) -> Tensor | None:  # key: [B, S, h_kv, d] after k_norm
+        cos, sin = self._call.get("position_embeddings") or (None, None)  # type: ignore[misc]
+        position_ids = self._call.get("position_ids")
+        query = self._query
+        if cos is None or not isinstance(position_ids, Tensor) or query is None or query.shape[:2] != key.shape[:2]:
+            logger.warning("textscythe: the vision attention probe missed the rotary tables or queries; no attention")
+            return None
+        query = self._rotate(query, cos, sin, position_ids)  # [B, S, h, d]
+        key = self._rotate(key, cos, sin, position_ids).repeat_interleave(
+            self.num_heads // self.num_key_value_heads, dim=2)  # [B, S, h, d]: query head i reads kv head i // groups
+        valid = ~(position_ids == -1).all(dim=-1)  # [B, S]
+        summed = torch.zeros(key.shape[:2], dtype=torch.float32, device=key.device)
+        for row in range(key.shape[0]):
+            patches = valid[row].nonzero().squeeze(1)
+            summed[row, patches] = mean_received_attention(query[row, patches], key[row, patches], self.scale)
+        self.positions.append(position_ids)
+        return mean_over_heads(summed, self.num_heads, 1)  # the tower is replicated: every rank holds all heads

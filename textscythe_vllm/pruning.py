@@ -293,6 +293,9 @@ class EncodedItems:
     #: per item: row counts of its segments -- runs of placeholders the prompt separates by text it keeps (a
     #: video's frames between timestamps), each pruned to its share of the budget; None: one run
     segments: list[list[int] | None] | None = None
+    #: per item ``[M_i, C]`` columns that travel with each row but are not selected on (Qwen3-VL's DeepStack
+    #: levels): a kept row keeps its own; a merged row keeps its selector index's
+    carried: list[Tensor] | None = None
 
 
 class PruningModel:
@@ -368,6 +371,9 @@ class PruningModel:
             encoded.features, encoded.attention, plans, self.get_language_model().embed_input_ids,  # type: ignore[attr-defined]
             encoded.candidates, encoded.attention_seconds, encoded.layouts, encoded.segments,
         )
+        if encoded.carried is not None:
+            results = [(torch.cat([rows, encoded.carried[index][kept if kept is not None else slice(None)]], dim=1),
+                        kept) for index, (rows, kept) in enumerate(results)]
         return [rows if kept is None else self.place_rows(modality, modality_input, index, rows, kept)
                 for index, (rows, kept) in enumerate(results)]
 

@@ -1,0 +1,229 @@
+"""Real ``vllm serve`` with the plugin on a tiny Qwen3-VL (DeepStack, interleaved M-RoPE, timestamped videos;
+saved random float32 weights), driven through the ``openai`` SDK with chunked prefill (``--max-num-batched-tokens
+128``): images, videos (the budget spread over frames, every timestamp kept), both in one request, bad values,
+every selector, ``/metrics`` before/after, and -- against a stock ``vllm serve`` (``VLLM_PLUGINS=``) on the same
+weights -- requests without a budget identical token for token."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from textscythe_dev.images import data_url, scene
+from textscythe_dev.load import metric_sum
+from textscythe_dev.server import (
+    Served,
+    assert_image_drives_outputs,
+    assert_same_outputs,
+    chat,
+    greedy_with_logprobs,
+    stock_outputs,
+)
+from textscythe_vllm.processing import spread_budget
+
+pytestmark = pytest.mark.server
+
+BLOCK = 32
+QUESTION = "what is the dog doing next to the red car ?"
+IMAGE_TOKENS = 70  # 336 x 224 px -> 320 x 224 (32 px multiples) -> 10 x 7 merged tokens
+FRAMES, FRAME_TOKENS = 4, 20  # 8 frames of 168 x 112 px at 2 fps -> 4 temporal patches of 5 x 4 merged tokens
+VIDEO_TOKENS = FRAMES * FRAME_TOKENS
+ARGS = ("--dtype", "float32", "--seed", "0", "--max-num-batched-tokens", "128",
+        "--limit-mm-per-prompt", '{"image": 2, "video": 2}')
+
+SERVED = Served("model_dir", (*ARGS, "--enable-prefix-caching", "--enable-prompt-tokens-details",
+                              "--block-size", str(BLOCK)), name="tiny-qwen3-vl", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from textscythe_dev.tiny_qwen3_vl import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"), with_weights=True)
+
+
+def video_url(seed: int) -> str:
+    from test_qwen2_5_vl_server import video_data_url
+
+    return video_data_url(seed, num_frames=8, width=168, height=112, fps=2.0)
+
+
+def message(text: str, images=(), videos=()) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return video_url(2)
+
+
+def tokens(client, server, messages, budget=None, **extra) -> int:
+    return chat(client, server, messages, budget, **extra).usage.prompt_tokens
+
+
+def tokenized(server, messages, budget=None) -> list[int]:
+    body = {"model": server.model_name, "messages": messages}
+    if budget is not None:
+        body["visual_token_budget"] = budget
+    response = httpx.post(f"{server.base_url}/tokenize", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["tokens"]
+
+
+def test_image_budgets_change_prompt_tokens_exactly(client, server):
+    messages = [message(QUESTION, images=[scene(1, 336, 224)])]
+    full = tokens(client, server, messages)
+    assert full - IMAGE_TOKENS > 5
+    for budget in (1, 16, 40, IMAGE_TOKENS - 1):
+        assert tokens(client, server, messages, budget) == full - IMAGE_TOKENS + budget
+    for budget in (IMAGE_TOKENS, IMAGE_TOKENS + 1, 10_000):
+        assert tokens(client, server, messages, budget) == full
+
+
+def test_video_budget_is_spread_over_frames_and_timestamps_stay(client, server, clip):
+    from textscythe_dev.tiny_qwen import SPECIAL_TOKENS, VIDEO_PAD, VISION_END, VISION_START
+
+    pad, start, end = (SPECIAL_TOKENS.index(token) for token in (VIDEO_PAD, VISION_START, VISION_END))
+    messages = [message(QUESTION, videos=[clip])]
+    full_ids = tokenized(server, messages)
+    full = tokens(client, server, messages)
+    assert full == len(full_ids) and full_ids.count(pad) == VIDEO_TOKENS
+
+    def frames(ids: list[int]) -> list[int]:
+        """Placeholders per frame run. The template's <|vision_start|> <|video_pad|> <|vision_end|> becomes
+        <|vision_start|> then, per frame, <t seconds> <|vision_start|> pads <|vision_end|>, then <|vision_end|>."""
+        counts, inside = [], False
+        for token in ids:
+            if token == start:
+                counts.append(0)
+                inside = True
+            elif token == end:
+                inside = False
+            elif inside and token == pad:
+                counts[-1] += 1
+        assert counts[0] == 0  # the template's own <|vision_start|> holds no placeholder directly
+        return counts[1:]
+
+    assert frames(full_ids) == [FRAME_TOKENS] * FRAMES
+    without_pads = [token for token in full_ids if token != pad]
+    for budget in (1, 3, 7, 24, VIDEO_TOKENS - 1):
+        pruned_ids = tokenized(server, messages, budget)
+        assert tokens(client, server, messages, budget) == full - VIDEO_TOKENS + budget == len(pruned_ids)
+        assert frames(pruned_ids) == spread_budget(budget, [FRAME_TOKENS] * FRAMES), budget
+        assert [token for token in pruned_ids if token != pad] == without_pads  # every timestamp, every marker
+    assert tokens(client, server, messages, VIDEO_TOKENS + 5) == full
+
+
+def test_images_and_video_in_one_request_budget_per_item(client, server, clip):
+    both = [message(QUESTION, images=[scene(3, 336, 224)], videos=[clip])]
+    full = tokens(client, server, both)
+    for budget in (5, 50):
+        pruned = IMAGE_TOKENS - min(budget, IMAGE_TOKENS) + VIDEO_TOKENS - min(budget, VIDEO_TOKENS)
+        assert tokens(client, server, both, budget) == full - pruned
+    three = [message(QUESTION, images=[scene(4, 336, 224), scene(5, 224, 336)], videos=[clip])]
+    assert tokens(client, server, three, 9) == tokens(client, server, three) - 2 * (IMAGE_TOKENS - 9) - (
+        VIDEO_TOKENS - 9)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("visual_token_budget", 0), ("visual_token_budget", -1), ("visual_token_budget", 2.5),
+     ("visual_token_budget", "8"), ("visual_token_selector", "no-such-selector")],
+)
+def test_bad_values_are_400(client, server, clip, field, value):
+    body = {field: value}
+    if field == "visual_token_selector":
+        body["visual_token_budget"] = 8
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=server.model_name, messages=[message(QUESTION, images=[scene(6, 336, 224)], videos=[clip])],
+            max_tokens=2, extra_body=body,
+        )
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == field
+    assert server.alive()
+
+
+def test_every_selector_serves_images_and_videos(client, server, clip):
+    from textscythe_vllm.selectors import available_selectors
+
+    both = [message(QUESTION, images=[scene(7, 336, 224)], videos=[clip])]
+    full = tokens(client, server, both)
+    for selector in available_selectors():
+        assert tokens(client, server, both, 12, visual_token_selector=selector) == \
+            full - (IMAGE_TOKENS - 12) - (VIDEO_TOKENS - 12), selector
+    assert server.alive()
+
+
+def _metrics(server) -> str:
+    return httpx.get(f"{server.base_url}/metrics", timeout=30).text
+
+
+def test_metrics_count_tokens_before_and_after(client, server, clip):
+    def counters() -> tuple[float, float, float]:
+        text = _metrics(server)
+        return (metric_sum(text, "textscythe_visual_tokens_before_total", model_name=server.model_name),
+                metric_sum(text, "textscythe_visual_tokens_after_total", model_name=server.model_name),
+                metric_sum(text, "textscythe_requests_total", model_name=server.model_name))
+
+    before = counters()
+    chat(client, server, [message(QUESTION, images=[scene(10, 336, 224)], videos=[clip])], 30)
+    chat(client, server, [message(QUESTION, images=[scene(11, 336, 224)])])
+    after = counters()
+    assert after[0] - before[0] == IMAGE_TOKENS + VIDEO_TOKENS + IMAGE_TOKENS
+    assert after[1] - before[1] == 30 + 30 + IMAGE_TOKENS
+    assert after[2] - before[2] == 2
+
+
+def fingerprint(response) -> tuple[int, list[tuple[str, float]]]:
+    return response.usage.prompt_tokens, [(t.token, t.logprob) for t in response.choices[0].logprobs.content]
+
+
+def test_repeat_is_deterministic_with_prefix_cache_and_the_image_drives_outputs(client, server, clip):
+    both = [message(QUESTION, images=[scene(8, 336, 224)], videos=[clip])]
+    first = chat(client, server, both, 20, max_tokens=6, logprobs=True)
+    again = chat(client, server, both, 20, max_tokens=6, logprobs=True)
+    assert again.usage.prompt_tokens_details.cached_tokens >= BLOCK
+    assert_same_outputs(fingerprint(again), fingerprint(first))
+    other = chat(client, server, [message(QUESTION, images=[scene(9, 336, 224)], videos=[clip])], 20, max_tokens=6,
+                 logprobs=True)
+    assert_image_drives_outputs(fingerprint(first), fingerprint(other))
+
+
+def test_explanation_lays_out_images_and_video_frames(client, server, clip):
+    response = chat(client, server, [message(QUESTION, images=[scene(8, 336, 224)], videos=[clip])], 20,
+                    visual_token_explain=True)
+    items = httpx.get(f"{server.base_url}/v1/textscythe/explanations/{response.id}", timeout=30).json()["items"]
+    layouts = {item["modality"]: item["layout"] for item in items}
+    assert layouts["image"] == {"kind": "grid", "rows": 7, "cols": 10, "region": "whole"}
+    assert layouts["video"]["frames"] == FRAMES
+    video = next(item for item in items if item["modality"] == "video")
+    per_frame = [sum(1 for position in video["kept_positions"] if position // FRAME_TOKENS == frame)
+                 for frame in range(FRAMES)]
+    assert per_frame == spread_budget(20, [FRAME_TOKENS] * FRAMES)
+
+
+CONVERSATIONS = {
+    "image": [message(QUESTION, images=[scene(12, 336, 224)])],
+    "video": [message(QUESTION, videos=["VIDEO"])],
+    "system+image+video": [{"role": "system", "content": "you answer in few words ."},
+                           message(QUESTION, images=[scene(13, 224, 336)], videos=["VIDEO"])],
+}
+
+
+def _with_clip(conversation, clip):
+    return [{**turn, "content": [
+        {"type": "video_url", "video_url": {"url": clip}} if part.get("type") == "video_url" else part
+        for part in turn["content"]]} if isinstance(turn["content"], list) else turn for turn in conversation]
+
+
+def test_no_budget_is_stock_vllm_token_for_token(client, server, clip, model_dir, tmp_path):
+    conversations = {name: _with_clip(conversation, clip) for name, conversation in CONVERSATIONS.items()}
+    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
+    theirs = stock_outputs(model_dir, ARGS, conversations, tmp_path / "stock.log")
+    for name in conversations:
+        assert_same_outputs(ours[name], theirs[name])
+    assert_image_drives_outputs(ours["image"], ours["system+image+video"])
