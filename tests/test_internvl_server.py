@@ -1,0 +1,202 @@
+"""Real ``vllm serve`` with the plugin on a tiny InternVL in the HF format (``InternVLForConditionalGeneration``,
+served by vLLM's ``interns1.py``; saved random float32 weights), driven through the ``openai`` SDK: images with
+tiles + thumbnail under one budget, videos whose budget is spread over the frames (per-frame quotas, ``Frame{i}:``
+text kept), two images and a video in one request, every selector, bad values, the token metrics, and -- against
+a stock ``vllm serve`` (``VLLM_PLUGINS=``) on the same weights -- requests without a budget identical token for
+token, with identical log-probabilities. ``tests/test_internvl_chat_server.py`` runs the same tests on the chat
+format (``InternVLChatModel``)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import openai
+import pytest
+
+from textscythe_dev import tiny_internvl
+from textscythe_dev.images import data_url, scene
+from textscythe_dev.load import metric_sum
+from textscythe_dev.server import (
+    Served,
+    assert_image_drives_outputs,
+    assert_same_outputs,
+    greedy_with_logprobs,
+    stock_outputs,
+)
+from textscythe_dev.server import chat as server_chat
+from textscythe_vllm.processing import spread_budget
+from textscythe_vllm.pruning import SELECTION_LOG_ENV
+from textscythe_vllm.selectors import available_selectors
+
+pytestmark = pytest.mark.server
+
+QUESTION = "what is the dog doing next to the red car ?"
+TOKENS = tiny_internvl.TOKENS_PER_TILE  # 16 per tile / per frame
+FRAMES = 4
+VIDEO_TOKENS = FRAMES * TOKENS
+# (width, height) -> tiles (+ thumbnail when more than one): 1 tile; 2 x 1 + thumbnail; 3 x 2 + thumbnail
+SIZES = {"one-tile": (112, 112), "wide": (224, 112), "large": (336, 224)}
+# saved random weights, float32: the image drives the logits, so "token for token" comparisons see the features
+SERVER_ARGS = ("--dtype", "float32", "--seed", "0", "--limit-mm-per-prompt", '{"image": 2, "video": 1}')
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_internvl.build_tiny_internvl(tmp_path_factory.mktemp("tiny-internvl-hf"), fmt="hf", with_weights=True)
+
+
+SERVED = Served("model_dir", SERVER_ARGS, name="tiny-internvl", env_fixture="selection_env", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def selection_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("selections") / "selections.jsonl"
+
+
+@pytest.fixture(scope="module")
+def selection_env(selection_log):
+    return {SELECTION_LOG_ENV: str(selection_log)}
+
+
+def video_url(seed: int) -> str:
+    from test_qwen2_5_vl_server import video_data_url
+
+    return video_data_url(seed, num_frames=FRAMES, width=112, height=112)
+
+
+def message(text: str, images=(), videos=()) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+def tokens(client, server, messages, budget=None, **extra) -> int:
+    return server_chat(client, server, messages, budget, max_tokens=2, **extra).usage.prompt_tokens
+
+
+def image_tokens(image) -> int:
+    """Visual tokens of one image according to transformers' InternVL processor (independent of vLLM)."""
+    processor = tiny_internvl.build_processor(tiny_internvl.build_tokenizer())
+    ids = processor(text="<IMG_CONTEXT>", images=[image], return_tensors="pt")["input_ids"]
+    return int((ids == tiny_internvl.vocabulary()["<IMG_CONTEXT>"]).sum())
+
+
+def read_selections(path, start: int = 0) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[start:]] if path.exists() else []
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_image_budget_counts_tiles_and_thumbnail(client, server, name):
+    image = scene(11, *SIZES[name])
+    messages = [message(QUESTION, images=[image])]
+    full = tokens(client, server, messages)
+    count = image_tokens(image)
+    assert count == {"one-tile": 1, "wide": 3, "large": 7}[name] * TOKENS
+    text = full - count
+    assert 10 < text < 30  # transformers' count is the one vLLM serves without a budget
+    for budget in (1, 5, TOKENS, count - 1):
+        assert tokens(client, server, messages, budget) == text + budget
+    for budget in (count, 100_000):
+        assert tokens(client, server, messages, budget) == full
+
+
+def test_video_budget_is_spread_over_frames(client, server, selection_log):
+    messages = [message(QUESTION, videos=[video_url(3)])]
+    full = tokens(client, server, messages)
+    start = len(read_selections(selection_log))
+    budgets = (1, 5, 30, VIDEO_TOKENS - 1)
+    for budget in budgets:
+        assert tokens(client, server, messages, budget, visual_token_selector="cls_attention") == \
+            full - VIDEO_TOKENS + budget
+    assert tokens(client, server, messages, VIDEO_TOKENS) == full
+    records = read_selections(selection_log, start)
+    assert [record["budget"] for record in records] == list(budgets)
+    for record in records:  # each frame keeps its quota, chosen within the frame
+        per_frame = [sum(1 for p in record["kept_positions"] if f * TOKENS <= p < (f + 1) * TOKENS)
+                     for f in range(FRAMES)]
+        assert record["num_tokens"] == VIDEO_TOKENS
+        assert per_frame == spread_budget(record["budget"], [TOKENS] * FRAMES)
+    assert spread_budget(5, [TOKENS] * FRAMES) == [2, 1, 1, 1]
+
+
+def test_two_images_and_a_video_budget_per_item(client, server):
+    wide, large = scene(21, *SIZES["wide"]), scene(22, *SIZES["large"])
+    counts = [image_tokens(wide), image_tokens(large), VIDEO_TOKENS]
+    messages = [message(QUESTION, images=[wide, large], videos=[video_url(4)])]
+    full = tokens(client, server, messages)
+    for budget in (3, 16, 50, 100):
+        removed = sum(count - min(budget, count) for count in counts)
+        assert tokens(client, server, messages, budget) == full - removed
+
+
+@pytest.mark.parametrize("selector", available_selectors())
+def test_every_selector(client, server, selector):
+    counts = [image_tokens(scene(23, *SIZES["large"])), VIDEO_TOKENS]
+    messages = [message(QUESTION, images=[scene(23, *SIZES["large"])], videos=[video_url(5)])]
+    full = tokens(client, server, messages)
+    assert tokens(client, server, messages, 20, visual_token_selector=selector) == full - sum(counts) + 2 * 20
+    assert server.alive()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("visual_token_budget", 0), ("visual_token_budget", -3), ("visual_token_budget", 1.5),
+     ("visual_token_budget", "64"), ("visual_token_budget", True), ("visual_token_selector", "nope")],
+)
+def test_bad_values_are_400(client, server, field, value):
+    body = {field: value}
+    if field == "visual_token_selector":
+        body["visual_token_budget"] = 8
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=server.model_name, max_tokens=2, extra_body=body,
+            messages=[message(QUESTION, images=[scene(41, *SIZES["wide"])], videos=[video_url(6)])],
+        )
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == field
+    assert server.alive()
+
+
+NO_BUDGET_CASES = {
+    "wide": lambda: [message(QUESTION, images=[scene(51, *SIZES["wide"])])],
+    "large": lambda: [message(QUESTION, images=[scene(52, *SIZES["large"])])],
+    "video": lambda: [message(QUESTION, videos=[video_url(7)])],
+    "mixed": lambda: [message(QUESTION, images=[scene(53, *SIZES["wide"]), scene(54, *SIZES["one-tile"])],
+                              videos=[video_url(8)])],
+}
+
+
+def test_no_budget_is_stock_vllm_token_for_token(request, client, server, model_dir, tmp_path_factory):
+    conversations = {name: build() for name, build in NO_BUDGET_CASES.items()}
+    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
+    theirs = stock_outputs(model_dir, request.module.SERVED.args, conversations,
+                           tmp_path_factory.mktemp("logs") / "stock.log")
+    for name in conversations:
+        assert_same_outputs(ours[name], theirs[name])
+    # the tolerance is meaningful: another image (and another video) moves the outputs far more
+    assert_image_drives_outputs(ours["large"], greedy_with_logprobs(
+        client, server.model_name, [message(QUESTION, images=[scene(55, *SIZES["large"])])]))
+    assert_image_drives_outputs(ours["video"], greedy_with_logprobs(
+        client, server.model_name, [message(QUESTION, videos=[video_url(17)])]))
+    # the comparison can fail: a pruned request differs from the stock output
+    pruned = greedy_with_logprobs(client, server.model_name, conversations["large"], visual_token_budget=16)
+    with pytest.raises(AssertionError):
+        assert_same_outputs(pruned, theirs["large"])
+
+
+def _token_counters(server) -> tuple[float, float]:
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return (metric_sum(text, "textscythe_visual_tokens_before_total"),
+            metric_sum(text, "textscythe_visual_tokens_after_total"))
+
+
+def test_metrics_count_image_and_video_tokens_before_and_after(client, server):
+    image = scene(61, *SIZES["large"])
+    counts = [image_tokens(image), VIDEO_TOKENS]
+    before, after = _token_counters(server)
+    tokens(client, server, [message(QUESTION, images=[image], videos=[video_url(9)])], 30)
+    new_before, new_after = _token_counters(server)
+    assert new_before - before == sum(counts)
+    assert new_after - after == 2 * 30
