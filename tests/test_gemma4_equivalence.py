@@ -1,0 +1,265 @@
+"""Gemma 4 pruning in vLLM against an independent transformers reference fed the rows vLLM kept.
+
+One tiny Gemma 4 checkpoint with random, seeded float32 weights (``textscythe_dev.tiny_gemma4``; causal attention
+over image tokens, as in the small Gemma 4 models) is served by ``vllm serve`` with the plugin and
+``$TEXTSCYTHE_SELECTION_LOG`` set; every pruned item's kept positions are read from that log. The reference is
+transformers' ``Gemma4ForConditionalGeneration`` (eager attention), here:
+
+* the soft-token rows of each image, and of each video frame (processed, as vLLM does, by the image processor at
+  70 soft tokens, frames decoded from the same mp4 with OpenCV), from transformers' own vision tower and embedder;
+* the pruned prompt, written here: the chat template's text with each ``<|image|>`` expanded to ``<|image>`` +
+  K x ``<|image|>`` + ``<image|>`` and each ``<|video|>`` to its frames' ``mm:ss`` timestamps and markers around
+  each frame's :func:`~textscythe_vllm.processing.spread_budget` quota -- compared with the prompt ids the server
+  reports (``return_token_ids``);
+* greedy decoding from that prompt with the kept rows (``features[kept_positions]``) scattered into the
+  placeholders (``mm_encoder_outputs``) at 1-D positions ``0..L-1``: kept rows take consecutive positions, as vLLM
+  gives them.
+
+Compared: greedy tokens (identical) and log-probabilities (within :data:`LOGPROB_ATOL`) for budgets 10 and 40 with
+two selectors on an image, two selectors on a video, an image and a video together, and no budget. Control: the
+reference fed another choice of rows (the first K) differs from vLLM by far more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from textscythe_dev import tiny_gemma4
+from textscythe_dev.images import data_url, scene
+from textscythe_dev.server import Served
+from textscythe_dev.server import chat as server_chat
+from textscythe_vllm.processing import spread_budget
+from textscythe_vllm.pruning import SELECTION_LOG_ENV
+
+pytestmark = pytest.mark.server
+
+MAX_TOKENS = 8
+LOGPROB_ATOL = 1e-4
+QUESTION = "what is the dog doing next to the red car ?"
+IMAGE = (480, 336)  # 70 soft tokens
+NUM_FRAMES, FPS = 4, 1.0
+VIDEO_SIZE = (336, 240)  # 63 soft tokens per frame
+VIDEO_FRAME_TOKENS = 70  # vLLM's soft-token budget per video frame
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    image: int | None  # scene seed
+    video: int | None  # clip seed
+    budget: int | None
+    selector: str = "textscythe"
+
+
+CASES = [
+    Case("image-full", 11, None, None),
+    *(Case(f"image-{selector}-{budget}", 11, None, budget, selector)
+      for selector in ("textscythe", "cls_attention") for budget in (10, 40)),
+    Case("video-full", None, 2, None),
+    Case("video-textscythe-20", None, 2, 20),
+    Case("video-cls_attention-40", None, 2, 40, "cls_attention"),
+    Case("both-divprune-30", 12, 3, 30, "divprune"),
+]
+
+
+def clip_bytes(seed: int) -> bytes:
+    from test_qwen2_5_vl_server import video_data_url
+
+    url = video_data_url(seed, num_frames=NUM_FRAMES, width=VIDEO_SIZE[0], height=VIDEO_SIZE[1], fps=FPS)
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def decoded_frames(data: bytes, directory) -> list[np.ndarray]:
+    """The clip's frames as the server's OpenCV video backend decodes them (RGB)."""
+    import cv2
+
+    path = directory / "clip.mp4"
+    path.write_bytes(data)
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    capture.release()
+    return frames
+
+
+def message(case: Case) -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    if case.image is not None:
+        content.append({"type": "image_url", "image_url": {"url": data_url(scene(case.image, *IMAGE))}})
+    if case.video is not None:
+        url = "data:video/mp4;base64," + base64.b64encode(clip_bytes(case.video)).decode()
+        content.append({"type": "video_url", "video_url": {"url": url}})
+    return {"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_gemma4.build_tiny_gemma4(tmp_path_factory.mktemp("tiny-gemma4-weights"), with_weights=True)
+
+
+@pytest.fixture(scope="module")
+def selection_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("selections") / "selections.jsonl"
+
+
+@pytest.fixture(scope="module")
+def selection_env(selection_log):
+    return {SELECTION_LOG_ENV: str(selection_log)}
+
+
+SERVED = Served("model_dir", ("--dtype", "float32", "--seed", "0", "--limit-mm-per-prompt", '{"image": 1, "video": 1}'),
+                name="tiny-gemma4-equivalence", env_fixture="selection_env", timeout=300)
+
+
+@dataclass
+class ServedCase:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    kept: dict[str, list[int]]  # per pruned modality: kept positions
+
+
+@pytest.fixture(scope="module")
+def served(client, server, selection_log) -> dict[str, ServedCase]:
+    """Every case once, alone, through the server; each pruned item's kept positions from the selection log."""
+    results = {}
+    for case in CASES:
+        start = len(selection_log.read_text().splitlines()) if selection_log.exists() else 0
+        extra = {"visual_token_selector": case.selector} if case.budget else {}
+        response = server_chat(client, server.model_name, [message(case)], case.budget, MAX_TOKENS, logprobs=True,
+                               return_token_ids=True, return_tokens_as_token_ids=True, **extra)
+        records = [json.loads(line) for line in selection_log.read_text().splitlines()[start:]] \
+            if selection_log.exists() else []
+        # the model embeds images before videos (the order of its parsed inputs); one record per pruned item
+        modalities = [m for m, seed in (("image", case.image), ("video", case.video)) if seed is not None]
+        kept = {}
+        for record in records:
+            modality = next(m for m in modalities if m not in kept and record["num_tokens"] == (
+                70 if m == "image" else NUM_FRAMES * 63))
+            kept[modality] = record["kept_positions"]
+        content = response.choices[0].logprobs.content  # tokens as "token_id:<id>"
+        results[case.id] = ServedCase(response.model_extra["prompt_token_ids"],
+                                      [int(t.token.split(":")[1]) for t in content], [t.logprob for t in content],
+                                      kept)
+    return results
+
+
+class HFReference:
+    def __init__(self, model_dir, workdir) -> None:
+        from transformers import AutoProcessor, Gemma4ForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.model = Gemma4ForConditionalGeneration.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        self.config = self.model.config
+        self.workdir = workdir
+
+    @torch.no_grad()
+    def rows(self, images: list[Any], max_soft_tokens: int | None = None) -> list[torch.Tensor]:
+        """Per image: its ``[N, D]`` soft-token rows from transformers' tower and embedder."""
+        options = {} if max_soft_tokens is None else {"max_soft_tokens": max_soft_tokens}
+        out = self.processor.image_processor(images=images, return_tensors="pt", **options)
+        features = self.model.model.get_image_features(out["pixel_values"], out["image_position_ids"])
+        return list(features.pooler_output)
+
+    def frames(self, seed: int) -> list[Any]:
+        from PIL import Image
+
+        frames = decoded_frames(clip_bytes(seed), self.workdir)
+        assert len(frames) == NUM_FRAMES
+        return [Image.fromarray(frame) for frame in frames]  # vLLM hands Gemma 4 PIL frames
+
+    def prompt(self, case: Case, kept: dict[str, list[int]], counts: dict[str, list[int]]) -> list[int]:
+        """The pruned prompt: the template's ids with each item expanded to its kept soft tokens (a video: per frame,
+        its timestamp, markers and quota)."""
+        vocab = self.tokenizer.get_vocab()
+        boi, eoi = vocab[tiny_gemma4.BOI_TOKEN], vocab[tiny_gemma4.EOI_TOKEN]
+        image_id, video_id = vocab[tiny_gemma4.IMAGE_TOKEN], vocab[tiny_gemma4.VIDEO_TOKEN]
+        text = self.tokenizer.apply_chat_template([message(case)], tokenize=False, add_generation_prompt=True)
+        ids = []
+        for token in self.tokenizer.encode(text, add_special_tokens=False):
+            if token == image_id:
+                ids += [boi, *[image_id] * len(kept["image"]), eoi]
+            elif token == video_id:
+                quotas = spread_budget(len(kept["video"]), counts["video"])
+                for frame, quota in enumerate(quotas):
+                    stamp = f"{int(frame / FPS) // 60:02d}:{int(frame / FPS) % 60:02d}"
+                    ids += self.tokenizer.encode(f" {stamp} " if frame else f"{stamp} ", add_special_tokens=False)
+                    ids += [boi, *[video_id] * quota, eoi]
+            else:
+                ids.append(token)
+        return ids
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], rows: dict[str, torch.Tensor]) -> tuple[list[int], list[float]]:
+        """Greedy decoding (no KV cache: the whole sequence each step) with ``rows`` in the placeholders."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        encoded = {modality: BaseModelOutputWithPooling(pooler_output=[value]) for modality, value in rows.items()}
+        tokens, logprobs = [], []
+        for _ in range(MAX_TOKENS):
+            logits = self.model(input_ids=torch.tensor([ids + tokens]), mm_encoder_outputs=dict(encoded),
+                                use_cache=False).logits[0, -1].float()
+            token = int(torch.argmax(logits))
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+        return tokens, logprobs
+
+    def item_rows(self, case: Case) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+        """Per modality: all soft-token rows of the case's item (a video: its frames' rows in order) and the
+        per-frame counts."""
+        rows, counts = {}, {}
+        if case.image is not None:
+            (rows["image"],) = self.rows([scene(case.image, *IMAGE)])
+            counts["image"] = [rows["image"].shape[0]]
+        if case.video is not None:
+            frames = self.rows(self.frames(case.video), VIDEO_FRAME_TOKENS)
+            rows["video"], counts["video"] = torch.cat(frames), [frame.shape[0] for frame in frames]
+        return rows, counts
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir, tmp_path_factory):
+    return HFReference(model_dir, tmp_path_factory.mktemp("hf"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_vllm_equals_transformers_fed_the_kept_rows(case, served, hf):
+    ours = served[case.id]
+    rows, counts = hf.item_rows(case)
+    assert counts.get("image", [70]) == [70] and counts.get("video", [63] * NUM_FRAMES) == [63] * NUM_FRAMES
+    kept = {modality: ours.kept.get(modality, list(range(value.shape[0]))) for modality, value in rows.items()}
+    assert set(ours.kept) == ({m for m in rows if case.budget and case.budget < rows[m].shape[0]})
+    for modality, positions in kept.items():
+        assert len(positions) == min(case.budget or 10**9, rows[modality].shape[0])
+    ids = hf.prompt(case, kept, counts)
+    assert ids == ours.prompt_token_ids
+    tokens, logprobs = hf.generate(ids, {m: rows[m][kept[m]] for m in rows})
+    assert tokens == ours.token_ids
+    difference = max(abs(a - b) for a, b in zip(logprobs, ours.logprobs, strict=True))
+    print(f"{case.id}: prompt tokens {len(ids)}, max |logprob difference| {difference:.2e}")
+    assert difference <= LOGPROB_ATOL
+
+
+def test_another_choice_of_rows_is_far_from_vllm(served, hf):
+    """Control: the comparison sees which rows were kept -- the first K rows in the same placeholders move the
+    log-probabilities far beyond the tolerance (or change a greedy token)."""
+    case = next(case for case in CASES if case.id == "image-textscythe-10")
+    ours = served[case.id]
+    rows, _ = hf.item_rows(case)
+    assert ours.kept["image"] != list(range(10))
+    tokens, logprobs = hf.generate(ours.prompt_token_ids, {"image": rows["image"][:10]})
+    if tokens == ours.token_ids:
+        assert max(abs(a - b) for a, b in zip(logprobs, ours.logprobs, strict=True)) > 10 * LOGPROB_ATOL

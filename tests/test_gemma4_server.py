@@ -1,0 +1,253 @@
+"""Real ``vllm serve`` with the plugin on a tiny Gemma 4 (saved random float32 weights), driven through the ``openai``
+SDK: images, a video (frames between ``mm:ss`` timestamps, each frame pruned to its share of the budget), two images
+and a video in one request, bad values, every selector, the token counters of ``/metrics``, a server-wide
+``max_soft_tokens`` composed with budgets, and -- against a stock ``vllm serve`` (``VLLM_PLUGINS=``) on the same
+saved weights -- requests without a budget identical token for token, with identical log-probabilities."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import openai
+import pytest
+
+from textscythe_dev import tiny_gemma4
+from textscythe_dev.images import data_url, scene
+from textscythe_dev.load import metric_sum
+from textscythe_dev.server import (
+    Served,
+    VLLMServer,
+    assert_image_drives_outputs,
+    assert_same_outputs,
+    greedy_with_logprobs,
+    stock_outputs,
+)
+from textscythe_dev.server import chat as server_chat
+from textscythe_vllm.processing import spread_budget
+from textscythe_vllm.pruning import SELECTION_LOG_ENV
+
+pytestmark = pytest.mark.server
+
+QUESTION = "what is the dog doing next to the red car ?"
+SERVER_ARGS = ["--dtype", "float32", "--seed", "0", "--limit-mm-per-prompt", '{"image": 2, "video": 1}']
+WIDE, SQUARE = (480, 336), (336, 336)  # 10 x 7 = 70 and 8 x 8 = 64 soft tokens at the checkpoint's 70
+IMAGE_TOKENS = {WIDE: 70, SQUARE: 64}
+NUM_FRAMES, FRAME_TOKENS = 4, 63  # 336 x 240 frames at vLLM's 70 per frame: 9 x 7 soft tokens each
+VIDEO_TOKENS = NUM_FRAMES * FRAME_TOKENS
+VOCAB = tiny_gemma4.vocabulary()
+BOI, EOI, VIDEO = VOCAB[tiny_gemma4.BOI_TOKEN], VOCAB[tiny_gemma4.EOI_TOKEN], VOCAB[tiny_gemma4.VIDEO_TOKEN]
+
+
+def video_url(seed: int) -> str:
+    from test_qwen2_5_vl_server import video_data_url
+
+    return video_data_url(seed, num_frames=NUM_FRAMES, width=336, height=240, fps=1.0)
+
+
+def message(text: str, images=(), videos=()) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # saved random weights, float32: the pixels drive the logits, so "token for token" comparisons see the features
+    return tiny_gemma4.build_tiny_gemma4(tmp_path_factory.mktemp("tiny-gemma4"), with_weights=True)
+
+
+@pytest.fixture(scope="module")
+def selection_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("selections") / "selections.jsonl"
+
+
+@pytest.fixture(scope="module")
+def selection_env(selection_log):
+    return {SELECTION_LOG_ENV: str(selection_log)}
+
+
+SERVED = Served("model_dir", tuple(SERVER_ARGS), name="tiny-gemma4", env_fixture="selection_env", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return video_url(2)
+
+
+def chat(client, model, messages, budget=None, max_tokens=3, **extra):
+    return server_chat(client, model, messages, budget, max_tokens, logprobs=True, **extra)
+
+
+def tokens(client, server, messages, budget=None, **extra) -> int:
+    return chat(client, server.model_name, messages, budget, **extra).usage.prompt_tokens
+
+
+def prompt_ids(client, server, messages, budget=None, **extra) -> list[int]:
+    response = chat(client, server.model_name, messages, budget, return_token_ids=True, **extra)
+    ids = response.model_extra["prompt_token_ids"]
+    assert len(ids) == response.usage.prompt_tokens
+    return ids
+
+
+def read_selections(path, start: int) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[start:]] if path.exists() else []
+
+
+def frames_of(ids: list[int]) -> list[tuple[list[int], int]]:
+    """Per video frame in a prompt: ``(the text tokens before its <|image>, its <|video|> count)``."""
+    frames, text, start = [], [], None
+    for index, token in enumerate(ids):
+        if token == BOI and index + 1 < len(ids) and ids[index + 1] in (VIDEO, EOI):
+            start = index
+        elif token == EOI and start is not None:
+            frames.append((text[-5:], ids[start + 1:index].count(VIDEO)))  # "mm:ss" is 5 word tokens
+            start, text = None, []
+        elif start is None:
+            text.append(token)
+    return frames
+
+
+@pytest.mark.parametrize("size", [WIDE, SQUARE])
+def test_image_budgets_change_prompt_tokens_exactly(client, server, size):
+    messages = [message(QUESTION, images=[scene(11, *size)])]
+    full, image_tokens = tokens(client, server, messages), IMAGE_TOKENS[size]
+    assert 10 < full - image_tokens < 30
+    for budget in (1, 10, 63, image_tokens - 1):
+        assert tokens(client, server, messages, budget) == full - image_tokens + budget
+    for budget in (image_tokens, image_tokens + 1, 10_000):
+        assert tokens(client, server, messages, budget) == full
+
+
+def test_video_frames_keep_their_quota_and_timestamps(client, server, clip, selection_log):
+    messages = [message(QUESTION, videos=[clip])]
+    full = prompt_ids(client, server, messages)
+    stock_frames = frames_of(full)
+    assert [count for _, count in stock_frames] == [FRAME_TOKENS] * NUM_FRAMES
+    timestamps = [text for text, _ in stock_frames]
+    assert len(set(map(tuple, timestamps))) == NUM_FRAMES  # 00:00 .. 00:03
+    for budget in (1, 10, 100, VIDEO_TOKENS - 1):
+        start = len(read_selections(selection_log, 0))
+        ids = prompt_ids(client, server, messages, budget, visual_token_selector="textscythe")
+        assert len(ids) == len(full) - VIDEO_TOKENS + budget
+        quotas = spread_budget(budget, [FRAME_TOKENS] * NUM_FRAMES)
+        # every frame keeps its timestamp and markers, with its own quota of placeholders
+        assert frames_of(ids) == [(text, quota) for text, quota in zip(timestamps, quotas, strict=True)]
+        (record,) = read_selections(selection_log, start)
+        assert record["num_tokens"] == VIDEO_TOKENS and len(record["kept_positions"]) == budget
+        per_frame = [sum(1 for p in record["kept_positions"] if frame * FRAME_TOKENS <= p < (frame + 1) * FRAME_TOKENS)
+                     for frame in range(NUM_FRAMES)]
+        assert per_frame == quotas  # each frame's rows chosen within it
+    assert tokens(client, server, messages, VIDEO_TOKENS) == len(full)
+
+
+def test_two_images_and_a_video_in_one_request_budget_per_item(client, server, clip):
+    messages = [message(QUESTION, images=[scene(21, *WIDE), scene(22, *SQUARE)], videos=[clip])]
+    counts = [70, 64, VIDEO_TOKENS]
+    full = tokens(client, server, messages)
+    for budget in (5, 50, 64, 100):
+        removed = sum(count - min(budget, count) for count in counts)
+        assert tokens(client, server, messages, budget) == full - removed
+    assert server.alive()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("visual_token_budget", 0), ("visual_token_budget", -3), ("visual_token_budget", 1.5),
+     ("visual_token_budget", "64"), ("visual_token_budget", True), ("visual_token_selector", "nope")],
+)
+def test_bad_values_are_400(client, server, clip, field, value):
+    body = {field: value}
+    if field == "visual_token_selector":
+        body["visual_token_budget"] = 8
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=server.model_name, max_tokens=2, extra_body=body,
+            messages=[message(QUESTION, images=[scene(41, *WIDE)], videos=[clip])],
+        )
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == field
+    assert server.alive()
+
+
+def test_every_selector_serves_images_and_videos(client, server, clip):
+    from textscythe_vllm.selectors import available_selectors
+
+    messages = [message(QUESTION, images=[scene(7, *WIDE)], videos=[clip])]
+    full = tokens(client, server, messages)
+    for selector in available_selectors():
+        response = chat(client, server.model_name, messages, 12, visual_token_selector=selector)
+        assert response.usage.prompt_tokens == full - (70 - 12) - (VIDEO_TOKENS - 12), selector
+    assert server.alive()
+
+
+def test_request_max_soft_tokens_is_ignored(client, server):
+    """Gemma 4's own per-request resolution never reaches the processor: the plugin keeps only its own keys."""
+    messages = [message(QUESTION, images=[scene(12, *WIDE)])]
+    full = tokens(client, server, messages)
+    for value in (140, 280):
+        assert tokens(client, server, messages, mm_processor_kwargs={"max_soft_tokens": value}) == full
+        assert tokens(client, server, messages, 10, mm_processor_kwargs={"max_soft_tokens": value}) == full - 60
+
+
+NO_BUDGET_CASES = {
+    "wide": lambda: [message(QUESTION, images=[scene(51, *WIDE)])],
+    "video": lambda: [message(QUESTION, videos=[video_url(7)])],
+    "mixed": lambda: [message(QUESTION, images=[scene(53, *WIDE), scene(54, *SQUARE)], videos=[video_url(8)])],
+}
+
+
+def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_path_factory):
+    conversations = {name: build() for name, build in NO_BUDGET_CASES.items()}
+    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
+    theirs = stock_outputs(model_dir, SERVER_ARGS, conversations, tmp_path_factory.mktemp("logs") / "stock.log")
+    for name in conversations:
+        assert_same_outputs(ours[name], theirs[name])
+    # the tolerance is meaningful: another image (and another video) moves the outputs far more
+    assert_image_drives_outputs(ours["wide"], greedy_with_logprobs(
+        client, server.model_name, [message(QUESTION, images=[scene(55, *WIDE)])]))
+    assert_image_drives_outputs(ours["video"], greedy_with_logprobs(
+        client, server.model_name, [message(QUESTION, videos=[video_url(17)])]))
+    # the comparison can fail: a pruned request differs from the stock output
+    pruned = greedy_with_logprobs(client, server.model_name, conversations["wide"], visual_token_budget=16)
+    with pytest.raises(AssertionError):
+        assert_same_outputs(pruned, theirs["wide"])
+
+
+def _token_counters(base_url: str) -> tuple[float, float]:
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return (metric_sum(text, "textscythe_visual_tokens_before_total"),
+            metric_sum(text, "textscythe_visual_tokens_after_total"))
+
+
+def test_metrics_count_image_and_video_tokens_before_and_after(client, server, clip):
+    before, after = _token_counters(server.base_url)
+    chat(client, server.model_name, [message(QUESTION, images=[scene(61, *WIDE), scene(62, *SQUARE)],
+                                             videos=[clip])], 66)
+    new_before, new_after = _token_counters(server.base_url)
+    assert new_before - before == 70 + 64 + VIDEO_TOKENS
+    assert new_after - after == 66 + 64 + 66
+
+
+def test_server_wide_max_soft_tokens_composes_with_budgets(model_dir, tmp_path_factory):
+    """``--mm-processor-kwargs '{"max_soft_tokens": 140}'`` gives every image up to 140 soft tokens (video frames
+    stay at vLLM's 70); a budget then prunes those, and the counters count them."""
+    log = tmp_path_factory.mktemp("logs") / "vllm-max-soft-tokens.log"
+    args = [*SERVER_ARGS, "--mm-processor-kwargs", '{"max_soft_tokens": 140}']
+    with VLLMServer(model_dir, args, log_path=log, served_model_name="tiny-gemma4-140") as wide:
+        client = openai.OpenAI(base_url=f"{wide.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        image = [message(QUESTION, images=[scene(71, *WIDE)])]
+        text = tokens(client, wide, [message(QUESTION)])
+        full = tokens(client, wide, image)
+        image_tokens = full - text - 2  # <|image> and <image|> around the soft tokens
+        assert image_tokens == 126  # 480 x 336 px at 140: resized to 672 x 432 px, 14 x 9 soft tokens
+        for budget in (10, 70, image_tokens - 1):
+            assert tokens(client, wide, image, budget) == full - image_tokens + budget
+        assert tokens(client, wide, image, 500) == full
+        video = [message(QUESTION, videos=[video_url(3)])]
+        assert tokens(client, wide, video) - tokens(client, wide, video, 10) == VIDEO_TOKENS - 10
+        before, after = _token_counters(wide.base_url)
+        chat(client, wide.model_name, image, 30)
+        new_before, new_after = _token_counters(wide.base_url)
+        assert (new_before - before, new_after - after) == (126, 30)
