@@ -48,3 +48,11 @@ def client(request: pytest.FixtureRequest, server: VLLMServer):
 
     spec: Served = request.module.SERVED
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=spec.api_key, max_retries=0, timeout=spec.timeout)
+
+
+@pytest.fixture(scope="session")
+def clip() -> str:
+    """An mp4 data URL: 8 frames of 168 x 112 px at 2 fps (Qwen: 4 temporal patches)."""
+    from textscythe_dev.images import video_data_url
+
+    return video_data_url(2)

@@ -70,7 +70,7 @@ CASES = [
 
 
 def clip_bytes(seed: int) -> bytes:
-    from test_qwen2_5_vl_server import video_data_url
+    from textscythe_dev.images import video_data_url
 
     url = video_data_url(seed, num_frames=NUM_FRAMES, width=VIDEO_SIZE[0], height=VIDEO_SIZE[1], fps=FPS)
     return base64.b64decode(url.split(",", 1)[1])

@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from textscythe_dev import tiny_gemma4
-from textscythe_dev.images import data_url, scene
+from textscythe_dev.images import media_message as message
+from textscythe_dev.images import scene, video_data_url
 from textscythe_dev.load import metric_sum
 from textscythe_dev.server import (
     Served,
@@ -40,15 +41,7 @@ BOI, EOI, VIDEO = VOCAB[tiny_gemma4.BOI_TOKEN], VOCAB[tiny_gemma4.EOI_TOKEN], VO
 
 
 def video_url(seed: int) -> str:
-    from test_qwen2_5_vl_server import video_data_url
-
     return video_data_url(seed, num_frames=NUM_FRAMES, width=336, height=240, fps=1.0)
-
-
-def message(text: str, images=(), videos=()) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
-    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
-    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from textscythe_dev import tiny_internvl
-from textscythe_dev.images import data_url, scene
+from textscythe_dev.images import media_message as message
+from textscythe_dev.images import scene, video_data_url
 from textscythe_dev.load import metric_sum
 from textscythe_dev.server import (
     Served,
@@ -60,15 +61,7 @@ def selection_env(selection_log):
 
 
 def video_url(seed: int) -> str:
-    from test_qwen2_5_vl_server import video_data_url
-
     return video_data_url(seed, num_frames=FRAMES, width=112, height=112)
-
-
-def message(text: str, images=(), videos=()) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
-    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
-    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
 
 
 def tokens(client, server, messages, budget=None, **extra) -> int:

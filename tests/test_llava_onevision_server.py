@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from textscythe_dev import tiny_onevision
-from textscythe_dev.images import data_url, scene
+from textscythe_dev.images import media_message as message
+from textscythe_dev.images import scene, video_data_url
 from textscythe_dev.load import metric_sum
 from textscythe_dev.server import (
     Served,
@@ -36,15 +37,7 @@ SIZES = {"small": (336, 336), "wide": (800, 400), "large": (1600, 1200)}
 
 
 def video_url(seed: int, num_frames: int = 4) -> str:
-    from test_qwen2_5_vl_server import video_data_url
-
     return video_data_url(seed, num_frames=num_frames, width=168, height=112)
-
-
-def message(text: str, images=(), videos=()) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
-    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
-    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
 
 
 @pytest.fixture(scope="module")

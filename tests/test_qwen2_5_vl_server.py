@@ -3,14 +3,11 @@ images, videos and both in one request, chunked prefill (``--max-num-batched-tok
 
 from __future__ import annotations
 
-import base64
-import os
-import tempfile
-
 import openai
 import pytest
 
-from textscythe_dev.images import data_url, scene
+from textscythe_dev.images import media_message as message
+from textscythe_dev.images import scene
 from textscythe_dev.server import Served, assert_image_drives_outputs, assert_same_outputs, chat
 
 pytestmark = pytest.mark.server
@@ -18,29 +15,6 @@ pytestmark = pytest.mark.server
 BLOCK = 32
 QUESTION = "what is the dog doing next to the red car ?"
 IMAGE_TOKENS = 96  # 336 x 224 px -> 24 x 16 patches -> 12 x 8 merged tokens
-
-
-def video_data_url(seed: int, num_frames: int = 8, width: int = 168, height: int = 112, fps: float = 2.0) -> str:
-    """An mp4 (OpenCV's mp4v codec) of ``tiny_video`` frames, as a data URL."""
-    import cv2
-
-    from textscythe_dev.tiny_qwen import tiny_video
-
-    frames, _ = tiny_video(seed, num_frames, width, height, fps)
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "clip.mp4")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        writer.release()
-        with open(path, "rb") as clip:
-            return "data:video/mp4;base64," + base64.b64encode(clip.read()).decode()
-
-
-def message(text: str, images=(), videos=()) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
-    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
-    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +28,6 @@ def tiny_qwen_dir(tmp_path_factory):
 SERVED = Served("tiny_qwen_dir", ("--dtype", "float32", "--enable-prefix-caching", "--enable-prompt-tokens-details", "--seed",
                                    "0", "--block-size", str(BLOCK), "--max-num-batched-tokens", "128",
                                    "--limit-mm-per-prompt", '{"image": 2, "video": 2}'), name="tiny-qwen")
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return video_data_url(2)
 
 
 def tokens(client, server, messages, budget=None) -> int:

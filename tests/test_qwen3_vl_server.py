@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from textscythe_dev.images import data_url, scene
+from textscythe_dev.images import media_message as message
+from textscythe_dev.images import scene
 from textscythe_dev.load import metric_sum
 from textscythe_dev.server import (
     Served,
@@ -41,23 +42,6 @@ def model_dir(tmp_path_factory):
     from textscythe_dev.tiny_qwen3_vl import build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"), with_weights=True)
-
-
-def video_url(seed: int) -> str:
-    from test_qwen2_5_vl_server import video_data_url
-
-    return video_data_url(seed, num_frames=8, width=168, height=112, fps=2.0)
-
-
-def message(text: str, images=(), videos=()) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
-    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
-    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return video_url(2)
 
 
 def tokens(client, server, messages, budget=None, **extra) -> int:

@@ -33,3 +33,31 @@ def image_part(image: Image.Image) -> dict[str, object]:
 
 def user_message(text: str, *images: Image.Image) -> dict[str, object]:
     return {"role": "user", "content": [*(image_part(image) for image in images), {"type": "text", "text": text}]}
+
+
+def video_data_url(seed: int, num_frames: int = 8, width: int = 168, height: int = 112, fps: float = 2.0) -> str:
+    """An mp4 (OpenCV's mp4v codec) of :func:`~textscythe_dev.tiny_qwen.tiny_video` frames, as a data URL."""
+    import os
+    import tempfile
+
+    import cv2
+
+    from textscythe_dev.tiny_qwen import tiny_video
+
+    frames, _ = tiny_video(seed, num_frames, width, height, fps)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "clip.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        with open(path, "rb") as clip:
+            return "data:video/mp4;base64," + base64.b64encode(clip.read()).decode()
+
+
+def media_message(text: str, images: tuple[Image.Image, ...] | list[Image.Image] = (),
+                  videos: tuple[str, ...] | list[str] = ()) -> dict[str, object]:
+    """A user message: the images, then the videos (data URLs), then the text."""
+    content: list[dict[str, object]] = [image_part(image) for image in images]
+    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
