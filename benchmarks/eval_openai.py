@@ -8,13 +8,21 @@ digits, a leading yes/no taken as the answer), and the table gives each setting'
 relative to no pruning, in % (the paper's "retention"), with the mean ``usage.prompt_tokens`` per request
 and the latency.
 
+``resolution`` is a baseline that may stand among the selectors: instead of pruning, the image is *down-scaled* on
+the client to the largest size whose prompt holds no more tokens than the same image at budget K (both counted by
+the server's own ``/tokenize``, so image markers and every family's resize rules count alike), and sent without a
+budget -- the same number of visual tokens, obtained by lowering the resolution. It needs a family whose token
+count follows the image size (Qwen2.5-VL, Qwen3-VL / Qwen3.5, Gemma 4, InternVL's tiles, the LLaVA-NeXT /
+OneVision tiles); where the smallest image still has more tokens (LLaVA-1.5's fixed 576), its requests are
+reported as errors saying so.
+
 Datasets: ``easy-vqa`` (the ``easy-vqa`` PyPI package: 64 px synthetic shapes, answers such as "circle",
 "red", "yes"; ``--split test`` by default) or a JSONL file with one ``{"image": path_or_url, "question": ...,
 "answer": ...}`` object per line (``answer`` may be a list of accepted answers; a relative image path is
 relative to the JSONL file).
 
     python benchmarks/eval_openai.py --base-url http://localhost:8000/v1 --model llava-hf/llava-1.5-7b-hf \\
-        --dataset easy-vqa --budgets none,192,128,64 --selectors textscythe,divprune --max-samples 500
+        --dataset easy-vqa --budgets none,192,128,64 --selectors textscythe,divprune,resolution --max-samples 500
 
 Prints the Markdown table and writes JSON (``--out``, default benchmarks/results/eval_openai.json), the table
 next to it (``.md``) and a plot of accuracy against the budget (``.png``).
@@ -35,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 if str(BENCHMARKS_DIR) not in sys.path:  # the shared report writer, also when this file is loaded by path
@@ -45,6 +54,10 @@ from _report import REPO_ROOT, pyplot, save_figure, show, write_report  # noqa: 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "eval_openai.json"
 DEFAULT_PROMPT_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA's short-answer prompt
 NO_BUDGET = "none"
+#: The baseline that lowers the resolution instead of pruning (not a selector of the plugin).
+RESOLUTION = "resolution"
+#: The smallest long side (px) the resolution baseline tries.
+MIN_SIDE = 28
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -145,7 +158,7 @@ class Setting:
         return NO_BUDGET if self.budget is None else f"{self.selector}@{self.budget}"
 
     def extra_body(self) -> dict[str, object]:
-        if self.budget is None:
+        if self.budget is None or self.selector == RESOLUTION:
             return {}
         return {"visual_token_budget": self.budget, "visual_token_selector": self.selector}
 
@@ -214,9 +227,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.concurrency < 1 or (args.max_samples is not None and args.max_samples < 1) or args.max_tokens < 1:
         parser.error("--concurrency, --max-samples and --max-tokens must be >= 1")
     known = known_selectors()
-    unknown = [name for name in args.selectors if known is not None and name not in known]
+    unknown = [name for name in args.selectors if known is not None and name not in (*known, RESOLUTION)]
     if unknown:
-        parser.error(f"unknown selectors {unknown}; available: {known}")
+        parser.error(f"unknown selectors {unknown}; available: {[*known, RESOLUTION]}")
     return args
 
 
@@ -269,6 +282,73 @@ async def ask(client, args: argparse.Namespace, setting: Setting, index: int, sa
                    None if usage is None else usage.completion_tokens, seconds)
 
 
+class ResolutionUnreachable(RuntimeError):
+    pass
+
+
+def load_image(image: str) -> Any:
+    """The sample's picture as an RGB PIL image (a path, an http(s) URL or a data: URL)."""
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    if image.startswith("data:"):
+        data = base64.b64decode(image.split(",", 1)[1])
+    elif re.match(r"^https?:", image):
+        with urllib.request.urlopen(image, timeout=60) as response:
+            data = response.read()
+    else:
+        data = Path(image).read_bytes()
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def png_url(picture: Any) -> str:
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def prompt_tokens(http, args: argparse.Namespace, messages: list[dict[str, object]],
+                        budget: int | None = None) -> int:
+    """The server's own count of the chat prompt (``POST /tokenize``), at ``budget`` when given."""
+    body: dict[str, object] = {"model": args.model, "messages": messages}
+    if budget is not None:
+        body["visual_token_budget"] = budget
+    response = await http.post(f"{args.base_url.removesuffix('/v1')}/tokenize", json=body,
+                               headers={"Authorization": f"Bearer {args.api_key}"})
+    response.raise_for_status()
+    return int(response.json()["count"])
+
+
+async def resolution_url(http, args: argparse.Namespace, sample: Sample, budget: int) -> str:
+    """The sample's image down-scaled (aspect kept) to the largest long side whose prompt has no more tokens than
+    the original image's at ``budget``: the same number of visual tokens by lowering the resolution."""
+    picture = load_image(sample.image)
+
+    def scaled(side: int) -> Any:
+        factor = side / max(picture.size)
+        return picture.resize((max(1, round(picture.width * factor)), max(1, round(picture.height * factor))))
+
+    async def tokens_at(side: int) -> int:
+        return await prompt_tokens(http, args, build_messages(sample, png_url(scaled(side)), args.prompt_suffix))
+
+    target = await prompt_tokens(http, args, build_messages(sample, png_url(picture), args.prompt_suffix), budget)
+    longest = max(picture.size)
+    if await tokens_at(longest) <= target:
+        return png_url(picture)
+    low, high = MIN_SIDE, longest  # invariant: tokens_at(high) > target
+    if await tokens_at(low) > target:
+        raise ResolutionUnreachable(f"even a {MIN_SIDE} px image has more than {target} prompt tokens on "
+                                    f"{args.model}: its token count does not follow the resolution")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if await tokens_at(middle) <= target else (low, middle)
+    return png_url(scaled(low))
+
+
 async def evaluate(args: argparse.Namespace, samples: list[Sample], settings: list[Setting]) -> list[Outcome]:
     import openai
 
@@ -282,9 +362,13 @@ async def evaluate(args: argparse.Namespace, samples: list[Sample], settings: li
         urls = [image_url(sample.image) for sample in samples]
         outcomes: list[Outcome] = []
         for setting in settings:  # one setting at a time: latencies are not mixed across settings
+            setting_urls: list[str | BaseException] = list(urls)
+            if setting.selector == RESOLUTION:
+                setting_urls = await resolution_urls(args, samples, setting.budget, gate)
             started = time.perf_counter()
-            tasks = [ask(client, args, setting, i, s, build_messages(s, urls[i], args.prompt_suffix), gate)
-                     for i, s in enumerate(samples)]
+            tasks = [ask(client, args, setting, i, s, build_messages(s, url, args.prompt_suffix), gate)
+                     if isinstance(url, str) else failed(setting, i, url)
+                     for (i, s), url in zip(enumerate(samples), setting_urls, strict=True)]
             done = await asyncio.gather(*tasks)
             outcomes += done
             accuracy = 100 * sum(o.correct for o in done) / len(done)
@@ -294,6 +378,23 @@ async def evaluate(args: argparse.Namespace, samples: list[Sample], settings: li
     finally:
         await client.close()
     return outcomes
+
+
+async def resolution_urls(args: argparse.Namespace, samples: list[Sample], budget: int,
+                          gate: asyncio.Semaphore) -> list[str | BaseException]:
+    """Per sample: its down-scaled image (:func:`resolution_url`), or why there is none."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=args.timeout) as http:
+        async def one(sample: Sample) -> str:
+            async with gate:
+                return await resolution_url(http, args, sample, budget)
+
+        return list(await asyncio.gather(*(one(sample) for sample in samples), return_exceptions=True))
+
+
+async def failed(setting: Setting, index: int, error: BaseException) -> Outcome:
+    return Outcome(setting.name, index, None, False, None, None, 0.0, f"{type(error).__name__}: {error}"[:500])
 
 
 # ---------------------------------------------------------------------------------------------- reporting
