@@ -171,6 +171,12 @@ class RotaryAttentionProbe(AttentionProbe):
         self._segments: list[int] = []
         super().__init__(rotary)
 
+    @classmethod
+    def for_vision_attention(cls, attention: torch.nn.Module) -> RotaryAttentionProbe:
+        """The probe of one ``Qwen2_5_VisionAttention`` block (the Qwen2.5-VL and Qwen3-VL towers)."""
+        return cls(attention.apply_rotary_emb, local_heads=attention.num_attention_heads_per_partition,
+                   head_dim=attention.hidden_size_per_attention_head, tp_size=attention.tp_size)
+
     @contextlib.contextmanager
     def capture_segments(self, segments: Sequence[int]) -> Iterator[list[Tensor]]:
         self._segments = [int(length) for length in segments]

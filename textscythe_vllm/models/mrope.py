@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from textscythe_vllm import LOGGER_NAME, _vllm
+from textscythe_vllm.probes import RotaryAttentionProbe
 from textscythe_vllm.request import BUDGET_FIELD, PruningRequest, PruningRequestError
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -138,7 +139,8 @@ class MRopeProcessor:
 
 
 class MRopeRows:
-    """Put in front of an M-RoPE model class (after :class:`~textscythe_vllm.pruning.PruningModel`). The family
+    """Put in front of :class:`~textscythe_vllm.pruning.PruningModel` and an M-RoPE model class: the Qwen families'
+    item counts, tower run and positions. The family
     sets ``_rows_width`` (the width of its multimodal rows without channels) and ``_positions_owned_by_vllm``
     (True while a vLLM mode such as EVS owns positions: then nothing here runs)."""
 
@@ -159,6 +161,29 @@ class MRopeRows:
         except Exception:
             logger.exception("textscythe: M-RoPE layout of a pruned request failed; using 1-D positions")
             return torch.arange(num_tokens).expand(3, num_tokens).clone(), 0
+
+    def pruning_enabled(self) -> bool:
+        return not self._positions_owned_by_vllm
+
+    def count_items(self, modality: str, modality_input: Any) -> int:
+        return int(modality_input[f"{modality}_grid_thw"].shape[0])
+
+    def features_and_attention(
+        self, modality: str, modality_input: Any, probe: RotaryAttentionProbe | None,
+        row_attention: Callable[[Tensor, list[list[int]]], list[Tensor]],
+    ) -> tuple[list[Tensor], list[Tensor | None], float]:
+        """``(rows per item, attention per item, probe seconds)``: the stock tower on the parsed input, with the probe
+        over every image and video step (its ``cu_seqlens`` segments) when given; ``row_attention`` turns the
+        per-patch scores into each item's per-row attention."""
+        grid_thw = [[int(v) for v in row] for row in modality_input[f"{modality}_grid_thw"].tolist()]
+        if probe is None or not modality_input["type"].startswith("pixel_values"):
+            return self.stock_features(modality, modality_input), [None] * len(grid_thw), 0.0  # type: ignore[attr-defined]
+        with probe.capture_segments([h * w for t, h, w in grid_thw for _ in range(t)]) as captured:
+            rows = self.stock_features(modality, modality_input)  # type: ignore[attr-defined]
+        if not captured:
+            logger.warning("textscythe: the vision attention probe saw no forward pass; selecting without it")
+            return rows, [None] * len(grid_thw), 0.0
+        return rows, list(row_attention(captured[-1], grid_thw)), probe.seconds
 
     def with_position_channels(self, rows: Tensor, relative: Tensor) -> Tensor:
         """``[K, W]`` kept rows + their ``[3, K]`` relative positions -> ``[K, W + 9]``."""

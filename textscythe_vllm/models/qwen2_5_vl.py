@@ -65,14 +65,6 @@ def grid_positions(t: int, h: int, w: int, t_factor: float) -> np.ndarray:
     return grid.reshape(3, -1)
 
 
-def vision_attention_probe(visual: torch.nn.Module) -> RotaryAttentionProbe:
-    """The probe on the last full-attention block's rotary module (its ``cu_seqlens`` segments are whole images
-    or whole temporal patches of a video)."""
-    attention = visual.blocks[max(visual.fullatt_block_indexes)].attn
-    return RotaryAttentionProbe(attention.apply_rotary_emb, local_heads=attention.num_attention_heads_per_partition,
-                                head_dim=attention.hidden_size_per_attention_head, tp_size=attention.tp_size)
-
-
 def merged_row_attention(visual: torch.nn.Module, patches: Tensor, grid_thw: Sequence[Sequence[int]]) -> list[Tensor]:
     """Per item ``[t * h/m * w/m]``: the per-patch values averaged over each merged row's ``m*m`` patches, taken
     from the tower's window order back to raster order."""
@@ -97,7 +89,7 @@ class TextScytheQwen2_5_VLMultiModalProcessor(MRopeProcessor, PruningProcessorMi
     info=with_plugin_context(Qwen2_5_VLProcessingInfo),
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
-class TextScytheQwen2_5_VLForConditionalGeneration(PruningModel, MRopeRows, Qwen2_5_VLForConditionalGeneration):
+class TextScytheQwen2_5_VLForConditionalGeneration(MRopeRows, PruningModel, Qwen2_5_VLForConditionalGeneration):
     pruned_modalities = MODALITIES
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
@@ -105,34 +97,20 @@ class TextScytheQwen2_5_VLForConditionalGeneration(PruningModel, MRopeRows, Qwen
         # vLLM's EVS owns positions when it is on; this class then stays stock (the processor refuses budgets).
         self._positions_owned_by_vllm = bool(self.is_multimodal_pruning_enabled)
         self._rows_width = vllm_config.model_config.get_inputs_embeds_size()
-        self.attention_probe = None if self.use_data_parallel else vision_attention_probe(self.visual)
+        self.attention_probe = None if self.use_data_parallel else RotaryAttentionProbe.for_vision_attention(
+            self.visual.blocks[max(self.visual.fullatt_block_indexes)].attn)  # the last full-attention block
         if vllm_config.parallel_config.pipeline_parallel_size > 1 and not self._positions_owned_by_vllm:
             logger.warning("textscythe: Qwen2.5-VL requests with a visual_token_budget need a single pipeline "
                            "stage; later stages would place the kept visual tokens at their item's first position")
 
     # -- encoder ------------------------------------------------------------------------------------------
 
-    def pruning_enabled(self) -> bool:
-        return not self._positions_owned_by_vllm
-
-    def count_items(self, modality: str, modality_input: Any) -> int:
-        return int(modality_input[f"{modality}_grid_thw"].shape[0])
-
     def encode_items(self, modality: str, modality_input: Any, *, with_attention: bool,
                      with_layouts: bool) -> EncodedItems:
+        features, attention, seconds = self.features_and_attention(
+            modality, modality_input, self.attention_probe if with_attention else None,
+            lambda patches, grid_thw: merged_row_attention(self.visual, patches, grid_thw))
         grid_thw = [[int(v) for v in row] for row in modality_input[f"{modality}_grid_thw"].tolist()]
-        probe = self.attention_probe if modality_input["type"].startswith("pixel_values") and with_attention else None
-        attention: list[Tensor | None] = [None] * len(grid_thw)
-        seconds = 0.0
-        if probe is None:
-            features = self.stock_features(modality, modality_input)
-        else:
-            with probe.capture_segments([h * w for t, h, w in grid_thw for _ in range(t)]) as captured:
-                features = self.stock_features(modality, modality_input)
-            if captured:
-                attention, seconds = list(merged_row_attention(self.visual, captured[-1], grid_thw)), probe.seconds
-            else:
-                logger.warning("textscythe: the vision attention probe saw no forward pass; selecting without it")
         merge = self.visual.spatial_merge_size
         layouts = ([explain.patch_grid(h // merge, w // merge, t, region="whole") for t, h, w in grid_thw]
                    if with_layouts else None)

@@ -68,7 +68,7 @@ def merged_row_attention(visual: torch.nn.Module, patches: Tensor, grid_thw: lis
     return list(merged.split([t * h * w // visual.spatial_merge_unit for t, h, w in grid_thw]))
 
 
-class Qwen3VLPruning(PruningModel, MRopeRows):
+class Qwen3VLPruning(MRopeRows, PruningModel):
     """The family's part of the contract; put in front of each of the four vLLM classes."""
 
     pruned_modalities = ("image", "video")
@@ -77,17 +77,8 @@ class Qwen3VLPruning(PruningModel, MRopeRows):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._positions_owned_by_vllm = bool(self.is_multimodal_pruning_enabled)
         self._rows_width = self.visual_dim + self.multiscale_dim
-        attention = self.visual.blocks[-1].attn
-        self.attention_probe = None if self.use_data_parallel else RotaryAttentionProbe(
-            attention.apply_rotary_emb, local_heads=attention.num_attention_heads_per_partition,
-            head_dim=attention.hidden_size_per_attention_head, tp_size=attention.tp_size,
-        )
-
-    def pruning_enabled(self) -> bool:
-        return not self._positions_owned_by_vllm
-
-    def count_items(self, modality: str, modality_input: Any) -> int:
-        return int(modality_input[f"{modality}_grid_thw"].shape[0])
+        self.attention_probe = None if self.use_data_parallel else RotaryAttentionProbe.for_vision_attention(
+            self.visual.blocks[-1].attn)
 
     def _merged_grid(self, modality: str, modality_input: Any, index: int) -> tuple[int, int, int]:
         t, h, w = (int(v) for v in modality_input[f"{modality}_grid_thw"][index].tolist())
@@ -96,20 +87,10 @@ class Qwen3VLPruning(PruningModel, MRopeRows):
 
     def encode_items(self, modality: str, modality_input: Any, *, with_attention: bool,
                      with_layouts: bool) -> EncodedItems:
-        grid_thw = [[int(v) for v in row] for row in modality_input[f"{modality}_grid_thw"].tolist()]
-        probe = self.attention_probe if modality_input["type"].startswith("pixel_values") and with_attention else None
-        attention: list[Tensor | None] = [None] * len(grid_thw)
-        seconds = 0.0
-        if probe is None:
-            rows = self.stock_features(modality, modality_input)  # per item [M, visual_dim * (1 + L)]
-        else:
-            with probe.capture_segments([h * w for t, h, w in grid_thw for _ in range(t)]) as captured:
-                rows = self.stock_features(modality, modality_input)
-            if captured:
-                attention, seconds = list(merged_row_attention(self.visual, captured[-1], grid_thw)), probe.seconds
-            else:
-                logger.warning("textscythe: the vision attention probe saw no forward pass; selecting without it")
-        grids = [self._merged_grid(modality, modality_input, index) for index in range(len(grid_thw))]
+        rows, attention, seconds = self.features_and_attention(  # rows: per item [M, visual_dim * (1 + L)]
+            modality, modality_input, self.attention_probe if with_attention else None,
+            lambda patches, grid_thw: merged_row_attention(self.visual, patches, grid_thw))
+        grids = [self._merged_grid(modality, modality_input, index) for index in range(len(rows))]
         return EncodedItems(
             features=[item[:, :self.visual_dim] for item in rows],
             attention=attention,
