@@ -9,7 +9,8 @@
 * ``benchmarks/serving.py`` (the entry script of ``benchmarks/serving_bench/``): the FLOP model and the scaling
   rule, the metric deltas from two ``/metrics`` scrapes, ``--reanalyse`` reproducing the stored tables; ``--quick``
   end to end against a real ``vllm serve`` of the tiny LLaVA-1.5 (the report's structure and every request's
-  prompt-token count).
+  prompt-token count); the Qwen3-VL-8B shape's FLOP model, depth cut and checkpoint (DeepStack taps cut into the
+  tower), and its ``--quick`` run (tiny widths, DeepStack included) against a real ``vllm serve``.
 """
 
 from __future__ import annotations
@@ -302,6 +303,75 @@ def test_serving_flop_model_and_arguments() -> None:
     assert analysis.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and analysis.percentile([], 95) is None
 
 
+def test_serving_qwen3_vl_8b_flop_model_and_depth_cut(tmp_path: Path) -> None:
+    """Qwen3-VL-8B: the FLOP model's parts, the depth cut that keeps the vision/LLM ratio, the DeepStack taps
+    mapped into the cut tower, and the checkpoint ``vllm serve --load-format dummy`` gets."""
+    from textscythe_dev import qwen3_vl_8b_shape as qwen3
+
+    cli, flops = _serving("cli"), _serving("flops")
+    args = cli.parse_args(["--shape", "qwen3-vl-8b"])
+    assert (args.budgets, args.concurrency, args.llm_layers, args.out.name) == (
+        [256, 102], [4], 6, "serving_qwen3.json")
+    assert [round(b / 1024, 2) for b in args.budgets] == [0.25, 0.1]  # 25% and 10% of the image's tokens
+    for bad in (["--vision-layers", "2"], ["--vision-layers", "28"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--shape", "qwen3-vl-8b", *bad])
+    assert cli.parse_args(["--shape", "qwen3-vl-8b", "--vision-layers", "27"]).vision_layers == 27
+    assert flops.expected_visual_tokens("qwen3-vl-8b") == (1024, 1)  # 1024 px: 64 x 64 patches, 32 x 32 merged
+
+    # the real model: ~5.8 TFLOPs of vision (27 blocks over 4,096 patches + 4 mergers) next to ~15 TFLOPs of prefill
+    t, n = 38, 1024
+    real = qwen3.request_flops(t, n, 1, qwen3.REAL_TEXT, qwen3.REAL_VISION, 27)
+    assert 5.3e12 < real["vision_tower"] < 5.6e12
+    # the main merger and three DeepStack mergers: 4 x 2 x 1024 x (4608^2 + 4608 x 4096)
+    assert real["projector"] == 4 * 2 * 1024 * (4608 * 4608 + 4608 * 4096)
+    assert 14.5e12 < real["llm_gemm"] + real["llm_attention"] < 15.5e12
+    assert real["deepstack_adds"] == 3 * 1024 * 4096
+    text_only = qwen3.request_flops(t + n, 0, 0, qwen3.REAL_TEXT, qwen3.REAL_VISION, 27)
+    assert text_only["vision_tower"] == text_only["projector"] == text_only["deepstack_adds"] == 0
+    assert text_only["llm_gemm"] == real["llm_gemm"]
+    ratio_real = qwen3.vision_llm_ratio(t, n, 1, qwen3.REAL_TEXT, qwen3.REAL_VISION, 27)
+    assert 0.36 < ratio_real < 0.41
+
+    # the depth cut: 6 of 36 LLM layers -> 3 ViT blocks, within 5% of the real ratio; never under 3 blocks
+    assert qwen3.derive_vision_layers(6, t, n) == 3 and flops.served_configs("qwen3-vl-8b", 6, None, t)[2] == 3
+    assert qwen3.derive_vision_layers(2, t, n) == qwen3.MIN_VISION_LAYERS == 3
+    assert qwen3.derive_vision_layers(36, t, n) == 27
+    served_text = {**qwen3.REAL_TEXT, "num_hidden_layers": 6}
+    ratio = qwen3.vision_llm_ratio(t, n, 1, served_text, qwen3.REAL_VISION, 3)
+    assert abs(ratio / ratio_real - 1) < 0.05
+    served = flops.Served(Path(), served_text, qwen3.REAL_VISION, 3, 1, n, t, shape="qwen3-vl-8b")
+    scaling = flops.scaling(served)
+    assert scaling["ratio_mismatch"] == pytest.approx(ratio / ratio_real)
+    assert (scaling["llm_layers_real"], scaling["vision_layers_run_real"]) == (36, 27)
+
+    # DeepStack taps at the same relative depth, every level its own block
+    assert qwen3.cut_deepstack_indexes(27) == [8, 16, 24]
+    assert qwen3.cut_deepstack_indexes(3) == [0, 1, 2]
+    for depth in range(3, 28):
+        cut = qwen3.cut_deepstack_indexes(depth)
+        assert len(cut) == 3 and cut == sorted(set(cut)) and cut[0] >= 0 and cut[-1] < depth, (depth, cut)
+    with pytest.raises(ValueError):
+        qwen3.cut_deepstack_indexes(2)
+
+    # the checkpoint: real widths, cut depths, cut taps, a processor that makes 1,024 tokens of a 1024 px image
+    model = qwen3.build_eight_b_shaped(tmp_path / "q8b", 6, t)
+    config = json.loads((model / "config.json").read_text())
+    vision, text = config["vision_config"], config["text_config"]
+    assert (vision["depth"], vision["deepstack_visual_indexes"]) == (3, [0, 1, 2])
+    assert {k: vision[k] for k in ("hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+                                   "spatial_merge_size", "temporal_patch_size", "num_position_embeddings")} == {
+        "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 4096, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304}
+    assert {k: text[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                                 "num_key_value_heads", "head_dim")} == {
+        "num_hidden_layers": 6, "hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128}
+    assert text["rope_parameters"]["mrope_section"] == [24, 20, 20] and text["rope_parameters"]["mrope_interleaved"]
+    assert config["architectures"] == ["Qwen3VLForConditionalGeneration"] and not list(model.glob("*.safetensors"))
+    assert _serving("client").count_placeholders(model, 1024) == (1024, 1)
+
+
 def test_serving_metric_deltas_from_two_scrapes() -> None:
     """The per-request deltas come from two ``/metrics`` texts parsed by ``prometheus_client.parser``
     (``textscythe_dev.load.metric_samples``), the selector's samples picked by their label."""
@@ -422,3 +492,33 @@ def test_serving_pruned_ttft_is_below_unpruned_at_real_width(tmp_path: Path) -> 
     rows = {row["budget"]: row for row in report["single_stream"]}
     assert rows["64"]["ttft_s"] < rows["none"]["ttft_s"], (rows["64"]["ttft_s"], rows["none"]["ttft_s"])
     assert rows["64"]["prompt_tokens"] == rows["none"]["prompt_tokens"] - IMAGE_TOKENS + 64
+
+
+@pytest.mark.server
+def test_serving_qwen3_vl_smoke(tmp_path: Path) -> None:
+    """``serving.py --shape qwen3-vl-8b --quick``: Qwen3-VL's structure (DeepStack, M-RoPE, ChatML) at tiny widths on a
+    real ``vllm serve``: a 1024 px image is 1,024 tokens, every request's prompt tokens are exact."""
+    out = tmp_path / "serving_qwen3.json"
+    command = [sys.executable, str(BENCHMARKS / "serving.py"), "--shape", "qwen3-vl-8b", "--quick", "--concurrency", "4",
+               "--no-plot", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    config = report["config"]
+    n, t = config["visual_tokens_N"], config["text_tokens_T"]
+    assert (config["shape"], n, t, config["views"], config["budgets"]) == ("qwen3-vl-8b", 1024, 38, 1, [64])
+    assert config["served_vision_config"]["deepstack_visual_indexes"] == [1, 2]
+    assert config["real_vision_config"]["deepstack_visual_indexes"] == [8, 16, 24]
+    assert report["errors"] == 0 and report["environment"]["server_alive_at_end"]
+    expected = {"image@none": t + n, "image@64": t + 64, "text@none": t + n, "text@64": t + 64, "control@64": t + 64}
+    assert len(report["requests"]) == config["rounds"] * 5
+    for request in report["requests"]:
+        assert request["prompt_tokens"] == expected[request["label"]] == request["expected_tokens"]
+    rows = {row["budget"]: row for row in report["single_stream"]}
+    assert rows["none"]["ratio_a"] == 1.0 and 0 < rows["64"]["ratio_a"] < 1 and rows["64"]["bound_b_s"] > 0
+    assert rows["64"]["control"]["bound_c_s"] > 0 and report["in_process"]["attention_probe_s"] > 0
+    assert report["flop_model"]["full_served"]["deepstack_adds"] > 0
+    (level,) = report["concurrency"]
+    assert level["pruned"]["prompt_tokens"] == [t + 64] * 4 and level["unpruned"]["prompt_tokens"] == [t + n] * 4
+    assert "ViT 4 of 27 (DeepStack taps [1, 2], real [8, 16, 24])" in done.stdout
+    assert "ratio (a), real 8B" in out.with_suffix(".md").read_text()

@@ -7,7 +7,6 @@ saved weights -- requests without a budget identical token for token, with ident
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import openai
 import pytest
@@ -15,14 +14,16 @@ import pytest
 from textscythe_dev import tiny_gemma4
 from textscythe_dev.images import media_message as message
 from textscythe_dev.images import scene, video_data_url
-from textscythe_dev.load import metric_sum
 from textscythe_dev.server import (
+    BAD_VALUES,
     Served,
     VLLMServer,
     assert_image_drives_outputs,
+    assert_refused,
     assert_same_outputs,
     greedy_with_logprobs,
     stock_outputs,
+    token_counters,
 )
 from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.processing import spread_budget
@@ -144,23 +145,9 @@ def test_two_images_and_a_video_in_one_request_budget_per_item(client, server, c
     assert server.alive()
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("visual_token_budget", 0), ("visual_token_budget", -3), ("visual_token_budget", 1.5),
-     ("visual_token_budget", "64"), ("visual_token_budget", True), ("visual_token_selector", "nope")],
-)
+@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
 def test_bad_values_are_400(client, server, clip, field, value):
-    body = {field: value}
-    if field == "visual_token_selector":
-        body["visual_token_budget"] = 8
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
-            model=server.model_name, max_tokens=2, extra_body=body,
-            messages=[message(QUESTION, images=[scene(41, *WIDE)], videos=[clip])],
-        )
-    assert caught.value.status_code == 400
-    assert caught.value.body["param"] == field
-    assert server.alive()
+    assert_refused(client, server, [message(QUESTION, images=[scene(41, *WIDE)], videos=[clip])], field, value)
 
 
 def test_every_selector_serves_images_and_videos(client, server, clip):
@@ -207,18 +194,12 @@ def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_
         assert_same_outputs(pruned, theirs["wide"])
 
 
-def _token_counters(base_url: str) -> tuple[float, float]:
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return (metric_sum(text, "textscythe_visual_tokens_before_total"),
-            metric_sum(text, "textscythe_visual_tokens_after_total"))
-
 
 def test_metrics_count_image_and_video_tokens_before_and_after(client, server, clip):
-    before, after = _token_counters(server.base_url)
+    before, after = token_counters(server)
     chat(client, server.model_name, [message(QUESTION, images=[scene(61, *WIDE), scene(62, *SQUARE)],
                                              videos=[clip])], 66)
-    new_before, new_after = _token_counters(server.base_url)
+    new_before, new_after = token_counters(server)
     assert new_before - before == 70 + 64 + VIDEO_TOKENS
     assert new_after - after == 66 + 64 + 66
 
@@ -240,7 +221,7 @@ def test_server_wide_max_soft_tokens_composes_with_budgets(model_dir, tmp_path_f
         assert tokens(client, wide, image, 500) == full
         video = [message(QUESTION, videos=[video_url(3)])]
         assert tokens(client, wide, video) - tokens(client, wide, video, 10) == VIDEO_TOKENS - 10
-        before, after = _token_counters(wide.base_url)
+        before, after = token_counters(wide)
         chat(client, wide.model_name, image, 30)
-        new_before, new_after = _token_counters(wide.base_url)
+        new_before, new_after = token_counters(wide)
         assert (new_before - before, new_after - after) == (126, 30)

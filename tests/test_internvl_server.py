@@ -9,21 +9,21 @@ format (``InternVLChatModel``)."""
 from __future__ import annotations
 
 import json
-import urllib.request
 
-import openai
 import pytest
 
 from textscythe_dev import tiny_internvl
 from textscythe_dev.images import media_message as message
 from textscythe_dev.images import scene, video_data_url
-from textscythe_dev.load import metric_sum
 from textscythe_dev.server import (
+    BAD_VALUES,
     Served,
     assert_image_drives_outputs,
+    assert_refused,
     assert_same_outputs,
     greedy_with_logprobs,
     stock_outputs,
+    token_counters,
 )
 from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.processing import spread_budget
@@ -132,23 +132,9 @@ def test_every_selector(client, server, selector):
     assert server.alive()
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("visual_token_budget", 0), ("visual_token_budget", -3), ("visual_token_budget", 1.5),
-     ("visual_token_budget", "64"), ("visual_token_budget", True), ("visual_token_selector", "nope")],
-)
+@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
 def test_bad_values_are_400(client, server, field, value):
-    body = {field: value}
-    if field == "visual_token_selector":
-        body["visual_token_budget"] = 8
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
-            model=server.model_name, max_tokens=2, extra_body=body,
-            messages=[message(QUESTION, images=[scene(41, *SIZES["wide"])], videos=[video_url(6)])],
-        )
-    assert caught.value.status_code == 400
-    assert caught.value.body["param"] == field
-    assert server.alive()
+    assert_refused(client, server, [message(QUESTION, images=[scene(41, *SIZES["wide"])], videos=[video_url(6)])], field, value)
 
 
 NO_BUDGET_CASES = {
@@ -178,18 +164,12 @@ def test_no_budget_is_stock_vllm_token_for_token(request, client, server, model_
         assert_same_outputs(pruned, theirs["large"])
 
 
-def _token_counters(server) -> tuple[float, float]:
-    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return (metric_sum(text, "textscythe_visual_tokens_before_total"),
-            metric_sum(text, "textscythe_visual_tokens_after_total"))
-
 
 def test_metrics_count_image_and_video_tokens_before_and_after(client, server):
     image = scene(61, *SIZES["large"])
     counts = [image_tokens(image), VIDEO_TOKENS]
-    before, after = _token_counters(server)
+    before, after = token_counters(server)
     tokens(client, server, [message(QUESTION, images=[image], videos=[video_url(9)])], 30)
-    new_before, new_after = _token_counters(server)
+    new_before, new_after = token_counters(server)
     assert new_before - before == sum(counts)
     assert new_after - after == 2 * 30

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 import torch
 
 from textscythe_dev import tiny_onevision
 from textscythe_dev.images import media_message as message
 from textscythe_dev.images import scene, video_data_url
-from textscythe_dev.load import metric_sum
 from textscythe_dev.server import (
+    BAD_VALUES,
     Served,
     assert_image_drives_outputs,
+    assert_refused,
     assert_same_outputs,
     greedy_with_logprobs,
     stock_outputs,
+    token_counters,
 )
 from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
@@ -147,23 +148,9 @@ def test_newline_rows_are_never_kept(client, server, hf_processor, selection_log
     assert video["kept_positions"] == list(range(4 * tiny_onevision.TOKENS_PER_FRAME))  # all frames, no newline
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("visual_token_budget", 0), ("visual_token_budget", -3), ("visual_token_budget", 1.5),
-     ("visual_token_budget", "64"), ("visual_token_budget", True), ("visual_token_selector", "nope")],
-)
+@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
 def test_bad_values_are_400(client, server, field, value):
-    body = {field: value}
-    if field == "visual_token_selector":
-        body["visual_token_budget"] = 8
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
-            model=server.model_name, max_tokens=2, extra_body=body,
-            messages=[message(QUESTION, images=[scene(41, 336, 336)], videos=[video_url(6)])],
-        )
-    assert caught.value.status_code == 400
-    assert caught.value.body["param"] == field
-    assert server.alive()
+    assert_refused(client, server, [message(QUESTION, images=[scene(41, 336, 336)], videos=[video_url(6)])], field, value)
 
 
 NO_BUDGET_CASES = {
@@ -192,20 +179,12 @@ def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_
         assert_same_outputs(pruned, theirs["large"])
 
 
-def _token_counters(server) -> tuple[float, float]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return (metric_sum(text, "textscythe_visual_tokens_before_total"),
-            metric_sum(text, "textscythe_visual_tokens_after_total"))
-
 
 def test_metrics_count_image_and_video_tokens_before_and_after(client, server, hf_processor):
     image = scene(61, *SIZES["wide"])
     counts = [hf_image_tokens(hf_processor, image), 4 * tiny_onevision.TOKENS_PER_FRAME + 1]
-    before, after = _token_counters(server)
+    before, after = token_counters(server)
     chat(client, server.model_name, [message(QUESTION, images=[image], videos=[video_url(9)])], 100)
-    new_before, new_after = _token_counters(server)
+    new_before, new_after = token_counters(server)
     assert new_before - before == sum(counts)
     assert new_after - after == 2 * 100

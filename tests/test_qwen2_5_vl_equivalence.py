@@ -34,6 +34,7 @@ import torch
 
 from textscythe_dev.images import scene
 from textscythe_dev.offline import finish_runner, read_selection_log, start_runner, stop_runner
+from textscythe_dev.reference import user_message_instructions
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.selectors import get_selector
 
@@ -226,21 +227,9 @@ class HFReference:
     # -- text --------------------------------------------------------------------------------------------
 
     def instructions(self, ids: list[int]) -> list[list[int]]:
-        """Per item: the ids of its user message -- after the last "<|im_start|>user" before it, up to the first
-        "<|im_end|>" after it -- minus special/pad ids (ChatML, written out here)."""
-        opener, closer = self.user_opener, self.turn_end
-        result = []
-        for position in (i for i, token in enumerate(ids) if token in (self.image_id, self.video_id)):
-            start = max(
-                (i + len(opener) for i in range(position - len(opener) + 1) if ids[i:i + len(opener)] == opener),
-                default=0,
-            )
-            end = next(
-                (i for i in range(position + 1, len(ids) - len(closer) + 1) if ids[i:i + len(closer)] == closer),
-                len(ids),
-            )
-            result.append([token for token in ids[start:end] if token not in self.excluded])
-        return result
+        """Per item: the ids of its user message (ChatML delimiters) minus special/pad ids."""
+        return user_message_instructions(ids, self.user_opener, self.turn_end, (self.image_id, self.video_id),
+                                         self.excluded)
 
     @torch.no_grad()
     def embed(self, ids: list[int]) -> torch.Tensor:

@@ -161,6 +161,37 @@ def chat(client: Any, model: str | VLLMServer, messages: list[dict[str, Any]], b
     )
 
 
+#: ``(field, value)`` pairs every family's server must refuse with HTTP 400 naming the field.
+BAD_VALUES = [("visual_token_budget", 0), ("visual_token_budget", -3), ("visual_token_budget", 1.5),
+              ("visual_token_budget", "64"), ("visual_token_budget", True), ("visual_token_selector", "nope")]
+
+
+def assert_refused(client: Any, server: VLLMServer, messages: list[dict[str, Any]], field: str, value: Any) -> None:
+    """A chat request with ``field: value`` (and a valid budget when the field is the selector) is answered 400
+    naming the field, and the server stays up."""
+    import openai
+    import pytest
+
+    body = {field: value}
+    if field == "visual_token_selector":
+        body["visual_token_budget"] = 8
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=2, extra_body=body)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == field
+    assert server.alive()
+
+
+def token_counters(server: VLLMServer) -> tuple[float, float]:
+    """``(textscythe_visual_tokens_before_total, ..._after_total)`` on the server's ``/metrics``, all labels."""
+    from textscythe_dev.load import metric_sum
+
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return (metric_sum(text, "textscythe_visual_tokens_before_total"),
+            metric_sum(text, "textscythe_visual_tokens_after_total"))
+
+
 def greedy_with_logprobs(client: Any, model: str, messages: list[dict[str, Any]], max_tokens: int = 8,
                          **extra_body: Any) -> tuple[int, list[tuple[str, float]]]:
     """``(usage.prompt_tokens, [(token, logprob), ...])`` of a greedy chat completion."""
