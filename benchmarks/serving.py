@@ -5,6 +5,7 @@ docstring describes the method; docs/benchmarks.md section 5 the results.
 
     python benchmarks/serving.py                          # LLaVA-1.5-shaped, ~13-20 min on 2 cores
     python benchmarks/serving.py --shape llava-next       # 2,928 visual tokens -> 320, ~19-23 min
+    python benchmarks/serving.py --shape qwen3-vl-8b      # 1,024 visual tokens -> 256 / 102 (25% / 10%), ~30-35 min
     python benchmarks/serving.py --quick                  # smoke run: tiny widths, ~1.5-3 min
     python benchmarks/serving.py --reanalyse benchmarks/results/serving.json --out /tmp/s.json  # no server
 """

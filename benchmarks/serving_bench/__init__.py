@@ -3,9 +3,15 @@
 The model is LLaVA-1.5-7B-shaped (``--shape llava-1.5``: Vicuna-7B's width -- hidden 4096, 32 heads of 128,
 MLP 11008 -- behind a CLIP ViT-L/14-336 tower: hidden 1024, 16 heads, MLP 4096, 576 visual tokens) or
 LLaVA-NeXT-7B-shaped (``--shape llava-next``: the same LLM and tower, any-resolution tiling; a 672 x 672 image
-is 5 views, 2,880 visual tokens plus 48 newline rows = 2,928), with random weights (``--load-format dummy``)
+is 5 views, 2,880 visual tokens plus 48 newline rows = 2,928) or Qwen3-VL-8B-shaped (``--shape qwen3-vl-8b``:
+Qwen3-8B -- hidden 4096, 32 query / 8 KV heads of 128, MLP 12288, interleaved M-RoPE -- behind Qwen3-VL's ViT:
+hidden 1152, 16 heads, MLP 4304, 16 px patches, 2 x 2 merging, DeepStack mergers after 3 blocks whose outputs are
+added in the first 3 LLM layers; a 1024 x 1024 image is 1,024 visual tokens; see
+:mod:`textscythe_dev.qwen3_vl_8b_shape`), with random weights (``--load-format dummy``)
 and **fewer layers**: ``--llm-layers`` of the 32 LLM layers and ``--vision-layers`` of the 23 tower layers
-vLLM runs (LLaVA's feature layer is the penultimate). Unless given, the vision layers are chosen so that the
+vLLM runs (LLaVA's feature layer is the penultimate; Qwen3-VL: of 36 LLM layers and 27 ViT blocks, at least 3
+blocks -- one per DeepStack level, the taps mapped proportionally onto the cut tower -- default 6 LLM layers, which
+give 3 blocks at 0.98x the real ratio). Unless given, the vision layers are chosen so that the
 served model keeps the real model's ratio of vision-side FLOPs (tower + projector) to LLM-prefill FLOPs at
 the full visual-token count; the residual mismatch is in the report (``config.scaling``). Width, token
 counts and image sizes are the real ones, so every GEMM has the real shape and only the depth is cut.
@@ -32,22 +38,25 @@ rounds; a warm-up round first):
   encoder (prefill(image, none) - prefill(text, T + N)), attention extraction (the plugin's probe timed in
   this process on the tower's real shapes), selector (worker metric - probe), LLM prefill (prefill(text,
   T + K)) and the residual of the image request's prefill;
-* concurrency ``--concurrency`` (default 1 4 16; LLaVA-NeXT: 4): the same burst of requests with mixed
+* concurrency ``--concurrency`` (default 1 4 16; LLaVA-NeXT, Qwen3-VL: 4): the same burst of requests with mixed
   budgets (cycling through ``--budgets``) and without budgets, side by side: throughput, TTFT and latency
   p50 / p95. Pruning must never be slower.
 
     python benchmarks/serving.py                          # LLaVA-1.5-shaped, ~13-20 min on 2 cores
     python benchmarks/serving.py --shape llava-next       # 2,928 visual tokens -> 320, ~19-23 min
+    python benchmarks/serving.py --shape qwen3-vl-8b      # 1,024 visual tokens -> 256 / 102 (25% / 10%), ~30-35 min
     python benchmarks/serving.py --quick                  # smoke run: tiny widths, ~1.5-3 min
     python benchmarks/serving.py --reanalyse benchmarks/results/serving.json --out /tmp/s.json  # no server
 
 (``python benchmarks/serving_bench ...`` and, from ``benchmarks/``, ``python -m serving_bench ...`` run the same.)
-Writes JSON (``--out``, default benchmarks/results/serving.json, ``serving_next.json`` for LLaVA-NeXT), the
+Writes JSON (``--out``, default benchmarks/results/serving.json, ``serving_next.json`` for LLaVA-NeXT,
+``serving_qwen3.json`` for Qwen3-VL-8B), the
 Markdown tables next to it (``.md``) and a plot (``.png``); prints the tables.
 
 The package (``benchmarks/serving.py`` is its entry script):
 
-* :mod:`.flops`: the shapes, the served model's numbers, the analytic FLOP model and the scaling rule;
+* :mod:`.flops`: the shapes, the served model's numbers, the analytic FLOP models (per family: :func:`.flops.family`)
+  and the scaling rule;
 * :mod:`.client`: the checkpoint, ``vllm serve``, the requests, client-side timing and metric scraping, the
   in-process timings; :func:`.client.run` returns the raw measurements;
 * :mod:`.analysis`: ideal (a) vs bounds (b) and (c), the gap by component, percentiles, the verdicts

@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from .flops import REAL_TEXT, REAL_VISION, REAL_VISION_LAYERS, Served, request_flops, served_from_config
+from .flops import Served, served_from_config
 
 NO_BUDGET = "none"
 GOAL_FRACTION = 0.10  # TTFT(K) within 10% of bound (b)
@@ -70,10 +70,11 @@ def analyse(outcomes: list[Outcome], served: Served, budgets: list[int], probe_s
 
     rounds_of = {label: {o.round: o for o in good if o.label == label}
                  for label in {o.label for o in good}}
-    n, t = served.num_visual, served.text_tokens
+    n, t, fam = served.num_visual, served.text_tokens, served.family
+    request_flops = fam.request_flops
     full = request_flops(t, n, served.views, served.text, served.vision, served.vision_layers)
-    real_full = request_flops(t, n, served.views, REAL_TEXT, REAL_VISION, REAL_VISION_LAYERS)
-    llm_scale = REAL_TEXT["num_hidden_layers"] / served.text["num_hidden_layers"]
+    real_full = request_flops(t, n, served.views, fam.real_text, fam.real_vision, fam.real_vision_layers)
+    llm_scale = fam.real_text["num_hidden_layers"] / served.text["num_hidden_layers"]
     served_vision = full["vision_tower"] + full["projector"]
     vision_scale = (real_full["vision_tower"] + real_full["projector"]) / served_vision if served_vision else 1.0
     base_ttft = med(f"image@{NO_BUDGET}", "ttft_s")
@@ -113,7 +114,7 @@ def analyse(outcomes: list[Outcome], served: Served, budgets: list[int], probe_s
         selector_metric = (med(image, "selector_s") or 0.0) if budget is not None else 0.0
         attention = min(probe_s or 0.0, selector_metric) if budget is not None else 0.0  # the probe is in the metric
         flops = request_flops(t, visual, served.views, served.text, served.vision, served.vision_layers)
-        real = request_flops(t, visual, served.views, REAL_TEXT, REAL_VISION, REAL_VISION_LAYERS)
+        real = request_flops(t, visual, served.views, fam.real_text, fam.real_vision, fam.real_vision_layers)
         bound_b, gap = paired.get("bound_b"), paired.get("gap_b")
         row: dict[str, Any] = {
             "budget": key, "visual_tokens": visual, "prompt_tokens": t + visual,

@@ -13,7 +13,7 @@ from _report import REPO_ROOT
 from . import __doc__ as PACKAGE_DOC
 from .analysis import summarise
 from .client import run
-from .flops import DEFAULT_LLM_LAYERS, SHAPES
+from .flops import DEFAULT_LLM_LAYERS, SHAPES, default_llm_layers, family
 from .report import write
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -26,15 +26,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=PACKAGE_DOC.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llava-1.5")
     parser.add_argument("--llm-layers", type=int, default=None,
-                        help=f"LLM layers served (of 32; default {DEFAULT_LLM_LAYERS}; --quick: 2 of a tiny LLM)")
+                        help=f"LLM layers served (of 32; default {DEFAULT_LLM_LAYERS}; qwen3-vl-8b: 6 of 36; --quick: 2 "
+                             "of a tiny LLM)")
     parser.add_argument("--vision-layers", type=int, default=None,
-                        help="CLIP layers run (of 23; default: the count that keeps the real vision/LLM FLOP ratio)")
+                        help="CLIP layers run (of 23; qwen3-vl-8b: ViT blocks, 3..27; default: the count that keeps "
+                             "the real vision/LLM FLOP ratio)")
     parser.add_argument("--budgets", type=int, nargs="+", default=None,
-                        help="budgets K (default 192 128 64; llava-next 320)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed single-stream rounds (default 12; llava-next 9)")
+                        help="budgets K (default 192 128 64; llava-next 320; qwen3-vl-8b 256 102)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed single-stream rounds (default 12; llava-next 9; qwen3-vl-8b 8)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--concurrency", type=int, nargs="*", default=None,
-                        help="concurrency levels (default 1 4 16; llava-next 4); each runs pruned and unpruned")
+                        help="concurrency levels (default 1 4 16; llava-next, qwen3-vl-8b 4); each runs pruned and "
+                             "unpruned")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per concurrency level and mode (default max(6, 2 x concurrency))")
     parser.add_argument("--max-tokens", type=int, default=None, help="generated tokens per request (default 8)")
@@ -63,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or shape["rounds"]
     args.concurrency = list(shape["concurrency"]) if args.concurrency is None else args.concurrency
     args.max_tokens = args.max_tokens or 8
-    args.llm_layers = args.llm_layers or DEFAULT_LLM_LAYERS
+    args.llm_layers = args.llm_layers or default_llm_layers(args.shape)
     args.out = args.out or RESULTS / shape["out"]
     if min(args.budgets) < 1 or len(set(args.budgets)) != len(args.budgets):
         parser.error("--budgets must be distinct and >= 1")
@@ -71,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rounds, --max-tokens, --llm-layers must be >= 1 and --warmup >= 0")
     if any(c < 1 for c in args.concurrency) or (args.requests is not None and args.requests < 1):
         parser.error("--concurrency and --requests must be >= 1")
-    if args.vision_layers is not None and not 1 <= args.vision_layers <= 23:
-        parser.error("--vision-layers must be in 1..23")
+    low, high = family(args.shape).vision_layer_range
+    if args.vision_layers is not None and not low <= args.vision_layers <= high:
+        parser.error(f"--vision-layers must be in {low}..{high}")
     from textscythe_vllm.selectors import available_selectors
 
     if args.control_selector and args.control_selector not in available_selectors():

@@ -27,21 +27,12 @@ from typing import Any
 from textscythe_dev.load import Sample, metric_samples, metric_sum
 
 from .analysis import NO_BUDGET, Outcome, percentile
-from .flops import (
-    REAL_TEXT,
-    REAL_VISION,
-    REAL_VISION_LAYERS,
-    SHAPES,
-    Served,
-    expected_visual_tokens,
-    scaling,
-    served_configs,
-    vision_flops,
-)
+from .flops import SHAPES, Served, expected_visual_tokens, family, is_qwen, scaling, served_configs
 
 Samples = list[Sample]  # one /metrics scrape: (sample name, labels, value)
 
-# LLaVA-style question; every word is in the tiny tokenizer's vocabulary (T = 37 text tokens with the template).
+# LLaVA-style question; every word is in the tiny tokenizer's vocabulary (T = 36 text tokens with LLaVA's template,
+# 38 with Qwen's: ChatML plus <|vision_start|> / <|vision_end|> around the image).
 QUESTION = ("Please look at the picture and describe in detail what the man on the left side of the street is "
             "holding in his hand, and what colour it is.")
 
@@ -67,11 +58,18 @@ def jpeg_data_url(image) -> str:
 
 def count_placeholders(model_dir: Path, size: int) -> tuple[int, int]:
     """(N, views) for one ``size`` x ``size`` image, from the checkpoint's own HF processor (vLLM's count is
-    checked against it; the server's ``usage.prompt_tokens`` confirms it again)."""
+    checked against it; the server's ``usage.prompt_tokens`` confirms it again). Qwen3-VL: one view, N the
+    ``<|image_pad|>`` tokens the image expands to."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
     image = make_image(0, size)
+    if "image_grid_thw" in processor.image_processor.model_input_names:  # Qwen3-VL
+        from textscythe_dev.tiny_qwen import IMAGE_PAD, VISION_END, VISION_START
+
+        out = processor(images=[image], text=VISION_START + IMAGE_PAD + VISION_END, return_tensors="pt")
+        image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        return int((out["input_ids"] == image_id).sum()), int(out["image_grid_thw"].shape[0])
     out = processor(images=[image], text="<image>", return_tensors="pt")
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     num_visual = int((out["input_ids"] == image_id).sum())
@@ -80,11 +78,46 @@ def count_placeholders(model_dir: Path, size: int) -> tuple[int, int]:
     return num_visual, views
 
 
+def shape_tokenizer(shape: str):
+    """The served checkpoint's tokenizer: the tiny word-level one with LLaVA's or Qwen's (ChatML) template."""
+    if is_qwen(shape):
+        from textscythe_dev.tiny_qwen3_vl import build_tiny_qwen3_vl_tokenizer
+
+        return build_tiny_qwen3_vl_tokenizer()
+    from textscythe_dev.tiny_models import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+def build_qwen_model(args: argparse.Namespace, directory: Path, text_tokens: int) -> Served:
+    """The Qwen3-VL-8B-shaped checkpoint (``--quick``: tiny widths), with DeepStack; every ViT block runs."""
+    from textscythe_dev import qwen3_vl_8b_shape as qwen3
+
+    image_px = SHAPES[args.shape]["image_px"]
+    if args.quick:
+        model_dir = qwen3.build_tiny_shaped(directory, args.llm_layers)
+    else:
+        text_cfg, vision_cfg, args.vision_layers = served_configs(args.shape, args.llm_layers, args.vision_layers,
+                                                                  text_tokens)
+        model_dir = qwen3.build_checkpoint(directory, text_cfg, vision_cfg)
+    config = json.loads((model_dir / "config.json").read_text())
+    text, vision = config["text_config"], {**config["vision_config"], "image_size": image_px}
+    num_visual, views = count_placeholders(model_dir, image_px)
+    expected = expected_visual_tokens(args.shape)
+    if (num_visual, views) != expected:
+        raise RuntimeError(f"expected {expected[0]} tokens in {expected[1]} view(s), got {num_visual} in {views}")
+    served = Served(model_dir, text, vision, vision["depth"], views, num_visual, text_tokens, shape=args.shape)
+    served.scaling = scaling(served)
+    return served
+
+
 def build_model(args: argparse.Namespace, directory: Path) -> Served:
-    from textscythe_dev.tiny_models import build_tiny_llava, build_tiny_tokenizer
+    from textscythe_dev.tiny_models import build_tiny_llava
 
     shape = SHAPES[args.shape]
-    text_tokens = len(image_prompt_ids(build_tiny_tokenizer())) - 1
+    text_tokens = len(image_prompt_ids(shape_tokenizer(args.shape))) - 1
+    if is_qwen(args.shape):
+        return build_qwen_model(args, directory, text_tokens)
     if args.quick:  # the test suite's tiny widths: a smoke run, not a measurement
         text_cfg, vision_cfg = {"num_hidden_layers": args.llm_layers}, None
         num_visual_guess, views_guess = None, None
@@ -352,21 +385,25 @@ def time_in_process(served: Served, repeats: int = 5) -> dict[str, Any]:
     and the same tower (transformers' CLIP, ``vision_layers`` layers) + projector, float32 (median of
     ``repeats``), each at 1 thread and at the machine's thread count (the worker's). The probe is the
     attention-extraction estimate (the fastest of both: on a loaded machine a 2-thread sub-millisecond op mostly
-    waits for its second thread); the tower is a cross-check of the vision-encoder estimate from the server."""
+    waits for its second thread); the tower is a cross-check of the vision-encoder estimate from the server.
+    Qwen3-VL: the mean-received-attention probe (:class:`~textscythe_vllm.probes.RotaryAttentionProbe`) on the
+    last block's rotated q/k, and transformers' Qwen3-VL ViT with its mergers (DeepStack included), fewer repeats
+    (one image is ~1 TFLOP at the real width)."""
     import torch
 
     threads = sorted({1, os.cpu_count() or 1})
     by_threads = {}
+    measure = _time_qwen_in_process if is_qwen(served.shape) else _time_in_process
     for count in threads:
         torch.set_num_threads(count)
-        by_threads[str(count)] = _time_in_process(served, repeats)
+        by_threads[str(count)] = measure(served, min(repeats, 2) if is_qwen(served.shape) else repeats)
     probes = [r["attention_probe_s"] for r in by_threads.values() if r.get("attention_probe_s") is not None]
     return {
         "views": served.views, "by_threads": by_threads,
         "attention_probe_s": min(probes) if probes else None,
         "vision_tower_projector_s": min(r["vision_tower_projector_s"] for r in by_threads.values()),
-        "vision_flops": sum(vision_flops(served.views, served.vision, served.vision_layers,
-                                         served.text["hidden_size"]).values()),
+        "vision_flops": sum(served.family.vision_flops(served.views, served.vision, served.vision_layers,
+                                                       served.text["hidden_size"]).values()),
     }
 
 
@@ -418,20 +455,67 @@ def _time_in_process(served: Served, repeats: int) -> dict[str, Any]:
     return result
 
 
+def _time_qwen_in_process(served: Served, repeats: int) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    vision = served.vision
+    c, heads = vision["hidden_size"], vision["num_heads"]
+    merge, patch, temporal = vision["spatial_merge_size"], vision["patch_size"], vision["temporal_patch_size"]
+    side = vision["image_size"] // patch
+    seq = side * side
+    result: dict[str, Any] = {"threads": torch.get_num_threads()}
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        try:
+            from textscythe_vllm.probes import RotaryAttentionProbe
+
+            probe = SimpleNamespace(local_heads=heads, head_dim=c // heads, tp_size=1, scale=(c // heads) ** -0.5,
+                                    _segments=[seq])
+            rotated = torch.randn(2, seq, heads, c // heads, generator=generator)
+            times = []
+            for _ in range(1 + 2 * repeats):
+                started = time.perf_counter()
+                RotaryAttentionProbe.scores(probe, rotated).reshape(-1, merge * merge).mean(dim=1)
+                times.append(time.perf_counter() - started)
+            result["attention_probe_s"] = min(times[1:])
+            result["attention_probe_median_s"] = statistics.median(times[1:])
+        except Exception as exc:  # the probe belongs to the plugin: report, do not fail
+            result["attention_probe_s"] = None
+            result["attention_probe_error"] = f"{type(exc).__name__}: {exc}"
+        fields = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+                  "spatial_merge_size", "temporal_patch_size", "deepstack_visual_indexes", "num_position_embeddings")
+        config = Qwen3VLVisionConfig(**{k: vision[k] for k in fields}, hidden_act="gelu_pytorch_tanh")
+        config._attn_implementation = "sdpa"
+        tower = Qwen3VLVisionModel(config).eval()
+        pixels = torch.randn(seq, 3 * temporal * patch * patch, generator=generator)
+        grid = torch.tensor([[1, side, side]])
+        times = []
+        for _ in range(1 + repeats):
+            started = time.perf_counter()
+            tower(hidden_states=pixels, grid_thw=grid)
+            times.append(time.perf_counter() - started)
+        result["vision_tower_projector_s"] = statistics.median(times[1:])
+    return result
+
+
 # ------------------------------------------------------------------------------------------ the run
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, serve it, measure; the raw report (no analysis: :func:`~serving_bench.analysis.summarise`)."""
     from textscythe_dev.server import VLLMServer
-    from textscythe_dev.tiny_models import build_tiny_tokenizer
 
     started = time.perf_counter()
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="textscythe-serving-") as scratch:
         served = build_model(args, Path(scratch) / "model")
         log(f"model: {args.shape}-shaped, LLM {served.text['num_hidden_layers']} x {served.text['hidden_size']}, "
-            f"CLIP {served.vision_layers} x {served.vision['hidden_size']}, N={served.num_visual} in {served.views} "
-            f"view(s), T={served.text_tokens}; vision/LLM FLOPs {served.scaling['ratio_mismatch']:.2f} x the real ratio")
-        tokenizer = build_tiny_tokenizer()
+            f"{served.family.tower} {served.vision_layers} x {served.vision['hidden_size']}, N={served.num_visual} in "
+            f"{served.views} view(s), T={served.text_tokens}; vision/LLM FLOPs "
+            f"{served.scaling['ratio_mismatch']:.2f} x the real ratio")
+        tokenizer = shape_tokenizer(args.shape)
         n, t = served.num_visual, served.text_tokens
         specs = [Spec("image", None, t + n), *(Spec("image", k, t + min(k, n)) for k in args.budgets),
                  Spec("text", None, t + n), *(Spec("text", k, t + min(k, n)) for k in args.budgets)]
@@ -441,7 +525,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0"]
         log_path = args.server_log or Path(scratch) / "vllm.log"
         server = VLLMServer(served.model_dir, server_args, log_path=log_path, env={"VLLM_CPU_KVCACHE_SPACE": "2"},
-                            served_model_name="llava-shaped")
+                            served_model_name="qwen3-vl-shaped" if is_qwen(args.shape) else "llava-shaped")
         server_started = time.perf_counter()
         with server:
             startup_s = time.perf_counter() - server_started
@@ -472,6 +556,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import vllm
 
+    fam = family(args.shape)
     report = {
         "config": {
             "shape": args.shape, "real_model": SHAPES[args.shape]["real"], "quick": args.quick,
@@ -480,10 +565,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency, "max_tokens": args.max_tokens, "seed": args.seed,
             "image_px": SHAPES[args.shape]["image_px"], "views": served.views,
             "visual_tokens_N": served.num_visual, "text_tokens_T": served.text_tokens, "question": QUESTION,
-            "served_text_config": {k: served.text.get(k) for k in REAL_TEXT},
-            "served_vision_config": {**{k: served.vision.get(k) for k in REAL_VISION},
+            "served_text_config": {k: served.text.get(k) for k in fam.real_text},
+            "served_vision_config": {**{k: served.vision.get(k) for k in fam.real_vision},
                                      "layers_run": served.vision_layers},
-            "real_text_config": REAL_TEXT, "real_vision_config": {**REAL_VISION, "layers_run": REAL_VISION_LAYERS},
+            "real_text_config": fam.real_text,
+            "real_vision_config": {**fam.real_vision, "layers_run": fam.real_vision_layers},
             "scaling": served.scaling, "dtype": "float32",
             "server_args": server_args, "server_env": {"VLLM_CPU_KVCACHE_SPACE": "2"},
         },

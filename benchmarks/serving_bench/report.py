@@ -9,6 +9,7 @@ from typing import Any
 from _report import pyplot, save_figure, show, write_report
 
 from .analysis import NO_BUDGET
+from .flops import family
 
 
 def _ms(value: float | None) -> str:
@@ -27,6 +28,7 @@ def _range(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 def markdown_table(report: dict[str, Any]) -> str:
     config, rows = report["config"], report["single_stream"]
     n, t = config["visual_tokens_N"], config["text_tokens_T"]
+    fam = family(config["shape"])
     lines = [
         f"TTFT, prefill and end-to-end latency per budget (ms, medians of {config['rounds']} interleaved rounds); "
         "bound (b), the gap TTFT(K) - (b) and the vision encoder are medians of per-round differences between "
@@ -34,7 +36,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"ideal (a) = TTFT(none) x FLOPs(K) / FLOPs(none); bound (b) = TTFT(none) - [TTFT_text(T+N) - "
         f"TTFT_text(T+K)], T = {t}, N = {n}",
         "",
-        "| budget | prompt tokens | TTFT | prefill | e2e | TTFT / TTFT(none) | ratio (a) | ratio (a), real 7B "
+        f"| budget | prompt tokens | TTFT | prefill | e2e | TTFT / TTFT(none) | ratio (a) | ratio (a), real {fam.size} "
         "| ratio (b) | ideal (a) | bound (b) | TTFT / bound (b) | per round (min–max) | within 10% of (b) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
@@ -143,10 +145,12 @@ def markdown_table(report: dict[str, Any]) -> str:
     cross = "; ".join(f"{threads} thread(s): tower + projector {_ms(r.get('vision_tower_projector_s'))} ms, "
                       f"probe {_x(None if r.get('attention_probe_s') is None else 1000 * r['attention_probe_s'], 2)} ms"
                       for threads, r in by_threads.items())
+    deepstack = ("" if "deepstack_visual_indexes" not in scaling else
+                 f" (DeepStack taps {scaling['deepstack_visual_indexes']}, real {scaling['deepstack_visual_indexes_real']})")
     lines += [
         "",
-        f"Scaling: LLM {scaling['llm_layers']} of {scaling['llm_layers_real']} layers, CLIP {scaling['vision_layers_run']} "
-        f"of {scaling['vision_layers_run_real']}; vision/LLM FLOPs {scaling['vision_to_llm_flops_served']:.4f} served vs "
+        f"Scaling: LLM {scaling['llm_layers']} of {scaling['llm_layers_real']} layers, {fam.tower} "
+        f"{scaling['vision_layers_run']} of {scaling['vision_layers_run_real']}{deepstack}; vision/LLM FLOPs {scaling['vision_to_llm_flops_served']:.4f} served vs "
         f"{scaling['vision_to_llm_flops_real']:.4f} real ({scaling['ratio_mismatch']:.2f} x). Vision encoder on the "
         f"server: {_ms(vision_s)} ms for {vision_gflops:.1f} GFLOP "
         f"({_x(None if not vision_s else vision_gflops / vision_s, 0)} GFLOP/s). In process (server stopped): {cross}.",
@@ -210,7 +214,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.set_title(f"mixed budgets {config['budgets']} vs none", fontsize=9)
     env = report["environment"]
     figure.suptitle(f"vLLM {env['vllm']} CPU float32, {env['cpu_count']} cores; random weights; "
-                    f"LLM {config['scaling']['llm_layers']} layers, CLIP {config['scaling']['vision_layers_run']}",
+                    f"LLM {config['scaling']['llm_layers']} layers, {family(config['shape']).tower} "
+                    f"{config['scaling']['vision_layers_run']}",
                     fontsize=9)
     save_figure(figure, path)
 
@@ -220,8 +225,8 @@ def header_of(report: dict[str, Any]) -> str:
     text, vision = config["served_text_config"], config["served_vision_config"]
     return (f"Serving benchmark, {config['shape']}-shaped ({config['real_model']} widths"
             f"{', quick: tiny widths' if config['quick'] else ''}): LLM {text['num_hidden_layers']} x "
-            f"{text['hidden_size']} (MLP {text['intermediate_size']}), CLIP {vision['layers_run']} x "
-            f"{vision['hidden_size']}, random weights, float32; vLLM {env['vllm']} CPU ({env['cpu_count']} cores, "
+            f"{text['hidden_size']} (MLP {text['intermediate_size']}), {family(config['shape']).tower} "
+            f"{vision['layers_run']} x {vision['hidden_size']}, random weights, float32; vLLM {env['vllm']} CPU ({env['cpu_count']} cores, "
             f"load {env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f}), selector {config['selector']}, "
             f"{config['max_tokens']} output tokens, prefix and multimodal caches off; {env['total_seconds']:.0f} s")
 
