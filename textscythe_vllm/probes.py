@@ -33,8 +33,9 @@ from textscythe_vllm import LOGGER_NAME, _vllm
 logger = logging.getLogger(LOGGER_NAME)
 
 #: Elements of one ``[heads, queries, keys]`` score block when attention is averaged over all queries (fp32:
-#: 64 MiB).
-PROBE_BLOCK_ELEMENTS = 1 << 24
+#: 16 MiB): a block that stays in cache between the matmul, the softmax and the column sum runs several times faster
+#: on a CPU than one four times larger (docs/benchmarks.md, the Qwen3-VL-8B shape).
+PROBE_BLOCK_ELEMENTS = 1 << 22
 
 
 def mean_over_heads(head_sums: Tensor, total_heads: int, tp_size: int) -> Tensor:
