@@ -1,7 +1,7 @@
-"""Qwen3-VL pruning in vLLM against an independent transformers reference: images, timestamped videos, both,
-DeepStack, interleaved M-RoPE, chunked prefill.
+"""Qwen3-VL (dense and MoE) pruning in vLLM against an independent transformers reference: images, timestamped
+videos, both, DeepStack, interleaved M-RoPE, chunked prefill.
 
-One tiny Qwen3-VL checkpoint with random, seeded float32 weights (``textscythe_dev.tiny_qwen3_vl``) runs in vLLM
+One tiny Qwen3-VL checkpoint (and one Qwen3-VL-MoE) with random, seeded float32 weights (``textscythe_dev.tiny_qwen3_vl``) runs in vLLM
 offline with the plugin (``textscythe_dev.offline`` in a subprocess) with chunked prefill on and
 ``max_num_batched_tokens=64`` (images and videos split across prefill steps): one batched ``LLM.generate`` with
 every case, then every case alone. The reference, here, with transformers' own Qwen3-VL:
@@ -96,11 +96,11 @@ class Reference:
 
 class HFReference:
     def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
+        self.model = AutoModelForImageTextToText.from_pretrained(  # Qwen3-VL or Qwen3-VL-MoE
             model_dir, dtype=torch.float32, attn_implementation="eager").eval()
         config = self.model.config
         self.image_id, self.video_id = config.image_token_id, config.video_token_id
@@ -128,14 +128,16 @@ class HFReference:
     def media(self, spec: dict[str, Any]) -> Media:
         key = repr(sorted(spec.items()))
         if key not in self._media:
-            from transformers.models.qwen3_vl import modeling_qwen3_vl
+            import sys
+
+            modeling = sys.modules[type(self.model).__module__]  # modeling_qwen3_vl or modeling_qwen3_vl_moe
 
             inputs = self.processed(IMG if spec["kind"] == "image" else VID, (spec,))
             pixels, grid = ((inputs["pixel_values"], inputs["image_grid_thw"]) if spec["kind"] == "image"
                             else (inputs["pixel_values_videos"], inputs["video_grid_thw"]))
             visual = self.model.model.visual
             target = visual.blocks[-1].attn
-            original = modeling_qwen3_vl.eager_attention_forward
+            original = modeling.eager_attention_forward
             weights: list[torch.Tensor] = []
 
             def capture(module, *args, **kwargs):
@@ -144,11 +146,11 @@ class HFReference:
                     weights.append(attention)  # [1, heads, L, L], one frame (or the image)
                 return output, attention
 
-            modeling_qwen3_vl.eager_attention_forward = capture
+            modeling.eager_attention_forward = capture
             try:
                 out = self.model.model.get_image_features(pixels, grid)
             finally:
-                modeling_qwen3_vl.eager_attention_forward = original
+                modeling.eager_attention_forward = original
             t, h, w = grid[0].tolist()
             assert len(weights) == t and all(x.shape[-1] == h * w for x in weights)
             patches = torch.cat([x[0].mean(dim=0).mean(dim=0) for x in weights])  # merge-block order
@@ -260,11 +262,13 @@ def request_spec(case: Case) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def model_dir(request, tmp_path_factory) -> Path:
+    """Qwen3-VL, then Qwen3-VL-MoE (the same tower, DeepStack and positions; sparse-MoE LLM layers)."""
     from textscythe_dev.tiny_qwen3_vl import build_tiny_qwen3_vl
 
-    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl-weights"), with_weights=True)
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp(f"tiny-qwen3-vl-{request.param}-weights"),
+                               moe=request.param == "moe", with_weights=True)
 
 
 @pytest.fixture(scope="module")
