@@ -56,3 +56,17 @@ def clip() -> str:
     from textscythe_dev.images import video_data_url
 
     return video_data_url(2)
+
+
+@pytest.fixture(scope="module")
+def selection_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the module's server appends every selection it runs (``$TEXTSCYTHE_SELECTION_LOG``, JSON lines)."""
+    return tmp_path_factory.mktemp("selections") / "selections.jsonl"
+
+
+@pytest.fixture(scope="module")
+def selection_env(selection_log: Path) -> dict[str, str]:
+    """The server environment that writes :func:`selection_log` (``Served(..., env_fixture="selection_env")``)."""
+    from textscythe_vllm.pruning import SELECTION_LOG_ENV
+
+    return {SELECTION_LOG_ENV: str(selection_log)}

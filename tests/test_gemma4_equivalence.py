@@ -36,7 +36,6 @@ from textscythe_dev.images import data_url, scene
 from textscythe_dev.server import Served
 from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.processing import spread_budget
-from textscythe_vllm.pruning import SELECTION_LOG_ENV
 
 pytestmark = pytest.mark.server
 
@@ -106,16 +105,6 @@ def message(case: Case) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return tiny_gemma4.build_tiny_gemma4(tmp_path_factory.mktemp("tiny-gemma4-weights"), with_weights=True)
-
-
-@pytest.fixture(scope="module")
-def selection_log(tmp_path_factory):
-    return tmp_path_factory.mktemp("selections") / "selections.jsonl"
-
-
-@pytest.fixture(scope="module")
-def selection_env(selection_log):
-    return {SELECTION_LOG_ENV: str(selection_log)}
 
 
 SERVED = Served("model_dir", ("--dtype", "float32", "--seed", "0", "--limit-mm-per-prompt", '{"image": 1, "video": 1}'),

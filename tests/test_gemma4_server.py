@@ -27,7 +27,6 @@ from textscythe_dev.server import (
 )
 from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.processing import spread_budget
-from textscythe_vllm.pruning import SELECTION_LOG_ENV
 
 pytestmark = pytest.mark.server
 
@@ -49,16 +48,6 @@ def video_url(seed: int) -> str:
 def model_dir(tmp_path_factory):
     # saved random weights, float32: the pixels drive the logits, so "token for token" comparisons see the features
     return tiny_gemma4.build_tiny_gemma4(tmp_path_factory.mktemp("tiny-gemma4"), with_weights=True)
-
-
-@pytest.fixture(scope="module")
-def selection_log(tmp_path_factory):
-    return tmp_path_factory.mktemp("selections") / "selections.jsonl"
-
-
-@pytest.fixture(scope="module")
-def selection_env(selection_log):
-    return {SELECTION_LOG_ENV: str(selection_log)}
 
 
 SERVED = Served("model_dir", tuple(SERVER_ARGS), name="tiny-gemma4", env_fixture="selection_env", timeout=300)

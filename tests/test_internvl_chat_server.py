@@ -8,8 +8,6 @@ from __future__ import annotations
 import pytest
 from test_internvl_server import (  # noqa: F401 - collected here, against this module's server
     SERVER_ARGS,
-    selection_env,
-    selection_log,
     test_bad_values_are_400,
     test_every_selector,
     test_image_budget_counts_tiles_and_thumbnail,

@@ -27,7 +27,6 @@ from textscythe_dev.server import (
 )
 from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.processing import spread_budget
-from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.selectors import available_selectors
 
 pytestmark = pytest.mark.server
@@ -48,16 +47,6 @@ def model_dir(tmp_path_factory):
 
 
 SERVED = Served("model_dir", SERVER_ARGS, name="tiny-internvl", env_fixture="selection_env", timeout=300)
-
-
-@pytest.fixture(scope="module")
-def selection_log(tmp_path_factory):
-    return tmp_path_factory.mktemp("selections") / "selections.jsonl"
-
-
-@pytest.fixture(scope="module")
-def selection_env(selection_log):
-    return {SELECTION_LOG_ENV: str(selection_log)}
 
 
 def video_url(seed: int) -> str:

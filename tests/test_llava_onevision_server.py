@@ -25,7 +25,6 @@ from textscythe_dev.server import (
     token_counters,
 )
 from textscythe_dev.server import chat as server_chat
-from textscythe_vllm.pruning import SELECTION_LOG_ENV
 
 pytestmark = pytest.mark.server
 
@@ -53,17 +52,7 @@ def hf_processor(model_dir):
     return AutoProcessor.from_pretrained(model_dir)
 
 
-@pytest.fixture(scope="module")
-def selection_log(tmp_path_factory):
-    return tmp_path_factory.mktemp("selections") / "selections.jsonl"
-
-
 SERVED = Served("model_dir", tuple(SERVER_ARGS), name="tiny-onevision", env_fixture="selection_env", timeout=300)
-
-
-@pytest.fixture(scope="module")
-def selection_env(selection_log):
-    return {SELECTION_LOG_ENV: str(selection_log)}
 
 
 def chat(client, model, messages, budget=None, max_tokens=3, **extra):
