@@ -159,6 +159,18 @@ def plan_items(
     return tuple(ItemPlan(request.budget, request.selector, ids) for ids in instructions)
 
 
+def video_frames(items: Any, index: int) -> tuple[int, int, int]:
+    """``(frames, width, height)`` of video ``index`` of a parsed video batch, whose items are frame sequences (PIL
+    images or HWC arrays), or ``(frames, metadata)`` pairs where the family needs metadata."""
+    video = items.get(index)
+    frames = video[0] if isinstance(video, tuple) else video
+    first = frames[0]
+    width, height = first.size if hasattr(first, "size") and not hasattr(first, "shape") else (
+        first.shape[-2], first.shape[-3]
+    )
+    return len(frames), int(width), int(height)
+
+
 def spread_budget(budget: int, sizes: Sequence[int]) -> list[int]:
     """How many of an item's ``min(budget, sum(sizes))`` tokens each of its segments keeps -- a segment being a
     run of placeholders between text the prompt keeps (a video frame after its timestamp): as even as the sizes

@@ -50,15 +50,14 @@ from textscythe_vllm._vllm import (
     gemma4_num_soft_tokens,
 )
 from textscythe_vllm.probes import NormedRotaryAttentionProbe
-from textscythe_vllm.processing import PruningProcessorMixin, with_plugin_context
+from textscythe_vllm.processing import PruningProcessorMixin, video_frames, with_plugin_context
 from textscythe_vllm.pruning import EncodedItems, PruningModel
 
 logger = logging.getLogger(LOGGER_NAME)
 
 MODALITIES = ("image", "video")
-#: per modality: (pixel key, patch-position key) of the parsed input
-PIXEL_KEYS = {"image": ("pixel_values", "pixel_position_ids"),
-              "video": ("pixel_values_videos", "pixel_position_ids_videos")}
+#: per modality: the key of the parsed input's per-view patch positions
+POSITION_KEYS = {"image": "pixel_position_ids", "video": "pixel_position_ids_videos"}
 
 
 def configured_soft_tokens(info: Any) -> int | None:
@@ -137,13 +136,8 @@ class TextScytheGemma4MultiModalProcessor(PruningProcessorMixin, Gemma4MultiModa
         if modality == "image":
             size = items.get_image_size(index)
             return gemma4_num_soft_tokens(self.info, size.width, size.height, configured_soft_tokens(self.info))
-        video = items.get(index)
-        frames = video[0] if isinstance(video, tuple) else video  # (frames, metadata): Gemma 4 needs metadata
-        first = frames[0]
-        width, height = first.size if hasattr(first, "size") and not hasattr(first, "shape") else (
-            first.shape[1], first.shape[0]  # HWC frames
-        )
-        return len(frames) * gemma4_num_soft_tokens(self.info, int(width), int(height), GEMMA4_VIDEO_SOFT_TOKENS)
+        num_frames, width, height = video_frames(items, index)  # Gemma 4's videos carry metadata
+        return num_frames * gemma4_num_soft_tokens(self.info, width, height, GEMMA4_VIDEO_SOFT_TOKENS)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -174,7 +168,7 @@ class TextScytheGemma4ForConditionalGeneration(PruningModel, Gemma4ForConditiona
 
     def encode_items(self, modality: str, modality_input: Any, *, with_attention: bool,
                      with_layouts: bool) -> EncodedItems:
-        views = list(modality_input[PIXEL_KEYS[modality][1]])  # per image or frame: [P, 2] (x, y), -1 = padding
+        views = list(modality_input[POSITION_KEYS[modality]])  # per image or frame: [P, 2] (x, y), -1 = padding
         view_attention: list[Tensor] | None = None
         seconds = 0.0
         if not with_attention:

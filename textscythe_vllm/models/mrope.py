@@ -27,6 +27,7 @@ from torch import Tensor
 
 from textscythe_vllm import LOGGER_NAME, _vllm
 from textscythe_vllm.probes import RotaryAttentionProbe
+from textscythe_vllm.processing import video_frames
 from textscythe_vllm.request import BUDGET_FIELD, PruningRequest, PruningRequestError
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -126,14 +127,9 @@ class MRopeProcessor:
             return self.info.get_num_image_tokens(
                 image_width=size.width, image_height=size.height, image_processor=image_processor, mm_kwargs={}
             )
-        video = items.get(index)
-        frames = video[0] if isinstance(video, tuple) else video  # (frames, metadata) when metadata is needed
-        first = frames[0]
-        width, height = first.size if hasattr(first, "size") and not hasattr(first, "shape") else (
-            first.shape[-2], first.shape[-3]  # HWC frames
-        )
+        num_frames, width, height = video_frames(items, index)
         return self.info.get_num_video_tokens(
-            image_width=int(width), image_height=int(height), num_frames=len(frames),
+            image_width=width, image_height=height, num_frames=num_frames,
             image_processor=image_processor, mm_kwargs={},
         )
 
