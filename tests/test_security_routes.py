@@ -185,18 +185,35 @@ def _send_anonymous(port: int, path: str, size: int, result: dict) -> None:
 
 @pytest.mark.parametrize("path", ["/invocations", "/v1/chat/completions"])
 def test_anonymous_large_body_gets_401_fast_and_health_stays_responsive(server, http, path):
-    result: dict = {}
-    sender = threading.Thread(target=_send_anonymous, args=(server.port, path, 24 << 20, result))
+    # The health poller runs before, during and after the upload: a 401 that comes back before a
+    # poll from the test thread could start would otherwise leave nothing measured.
     health: list[float] = []
-    sender.start()
-    while sender.is_alive():
-        start = time.monotonic()
-        assert http.get("/health").status_code == 200
-        health.append(time.monotonic() - start)
-        time.sleep(0.02)
-    sender.join()
+    statuses: list[int] = []
+    sending = threading.Event()
+    sent = threading.Event()
+
+    def poll_health() -> None:
+        while True:
+            finished = sent.is_set()  # read first, so the last poll starts after the upload ended
+            start = time.monotonic()
+            statuses.append(http.get("/health").status_code)
+            health.append(time.monotonic() - start)
+            sending.set()
+            if finished:
+                return
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    assert sending.wait(10)
+    result: dict = {}
+    _send_anonymous(server.port, path, 24 << 20, result)
+    sent.set()
+    poller.join(10)
+    assert not poller.is_alive()
     assert result["status"] == 401 and result["seconds"] < 1.0, result
-    assert health and max(health) < 0.2, health
+    assert len(health) >= 2 and set(statuses) == {200}, (health, statuses)
+    assert max(health) < 0.2, health
     assert server.alive()
 
 
