@@ -1,9 +1,12 @@
 """Gemma 4 pruning in vLLM against an independent transformers reference fed the rows vLLM kept.
 
 One tiny Gemma 4 checkpoint with random, seeded float32 weights (``textscythe_dev.tiny_gemma4``; causal attention
-over image tokens, as in the small Gemma 4 models) is served by ``vllm serve`` with the plugin and
-``$TEXTSCYTHE_SELECTION_LOG`` set; every pruned item's kept positions are read from that log. The reference is
-transformers' ``Gemma4ForConditionalGeneration`` (eager attention), here:
+over image tokens, as in the small Gemma 4 models) is served by ``vllm serve`` with the plugin,
+``$TEXTSCYTHE_SELECTION_LOG`` set, chunked prefill with ``--max-num-batched-tokens`` :data:`CHUNK_TOKENS` (every
+case's image or video is split across prefill steps) and no prefix caching; every pruned item's kept positions are
+read from that log, and every engine step from its log (``--enable-logging-iteration-details``). Every case is
+sent alone, then all of them at once. The reference is transformers' ``Gemma4ForConditionalGeneration`` (eager
+attention), here:
 
 * the soft-token rows of each image, and of each video frame (processed, as vLLM does, by the image processor at
   70 soft tokens, frames decoded from the same mp4 with OpenCV), from transformers' own vision tower and embedder;
@@ -17,14 +20,21 @@ transformers' ``Gemma4ForConditionalGeneration`` (eager attention), here:
 
 Compared: greedy tokens (identical) and log-probabilities (within :data:`LOGPROB_ATOL`) for budgets 10 and 40 with
 two selectors on an image, two selectors on a video, an image and a video together, and no budget. Control: the
-reference fed another choice of rows (the first K) differs from vLLM by far more than the tolerance.
+reference fed another choice of rows (the first K) differs from vLLM by far more than the tolerance. Chunking is
+observed: each case alone was prefilled in steps of :data:`CHUNK_TOKENS` tokens, with a step boundary between two of
+its soft tokens. Batched: all cases sent concurrently (mixed budgets and selectors, sharing engine steps, each item
+under a fresh ``uuid`` so its rows are encoded and selected again rather than read from the encoder cache) give the
+same prompt ids, greedy tokens and kept positions as sent alone.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +56,11 @@ IMAGE = (480, 336)  # 70 soft tokens
 NUM_FRAMES, FPS = 4, 1.0
 VIDEO_SIZE = (336, 240)  # 63 soft tokens per frame
 VIDEO_FRAME_TOKENS = 70  # vLLM's soft-token budget per video frame
+# The smallest pruned prompt (image, budget 10: soft tokens at 4..13) still has a boundary inside its run, and vLLM
+# caps max_num_seqs at this value, which stays above len(CASES) so the whole batch can run at once. The tiny model's
+# image attention is causal, so vLLM splits an item across steps (with bidirectional vision attention it would keep
+# each item whole: disable_chunked_mm_input).
+CHUNK_TOKENS = 12
 
 
 @dataclass(frozen=True)
@@ -92,13 +107,17 @@ def decoded_frames(data: bytes, directory) -> list[np.ndarray]:
     return frames
 
 
-def message(case: Case) -> dict[str, Any]:
+def message(case: Case, uuid: str | None = None) -> dict[str, Any]:
+    """The case's user message; ``uuid``, when given, names its items (vLLM's cache key instead of their bytes)."""
     content: list[dict[str, Any]] = []
     if case.image is not None:
         content.append({"type": "image_url", "image_url": {"url": data_url(scene(case.image, *IMAGE))}})
     if case.video is not None:
         url = "data:video/mp4;base64," + base64.b64encode(clip_bytes(case.video)).decode()
         content.append({"type": "video_url", "video_url": {"url": url}})
+    if uuid is not None:
+        for part in content:
+            part["uuid"] = f"{uuid}-{part['type']}"
     return {"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}
 
 
@@ -107,8 +126,15 @@ def model_dir(tmp_path_factory):
     return tiny_gemma4.build_tiny_gemma4(tmp_path_factory.mktemp("tiny-gemma4-weights"), with_weights=True)
 
 
-SERVED = Served("model_dir", ("--dtype", "float32", "--seed", "0", "--limit-mm-per-prompt", '{"image": 1, "video": 1}'),
-                name="tiny-gemma4-equivalence", env_fixture="selection_env", timeout=300)
+# No prefix caching: the batch must recompute every prompt, not reuse the KV blocks the solo requests left behind.
+# The per-step log is the only record of prefill chunks: vLLM's iteration-token metrics count a prompt once, when its
+# first token comes out.
+SERVED = Served("model_dir", ("--dtype", "float32", "--seed", "0", "--limit-mm-per-prompt", '{"image": 1, "video": 1}',
+                              "--enable-chunked-prefill", "--max-num-batched-tokens", str(CHUNK_TOKENS),
+                              "--no-enable-prefix-caching", "--enable-logging-iteration-details"),
+                name="tiny-gemma4-equivalence", env_fixture="selection_env", timeout=600)
+ITERATION = re.compile(r"Iteration\(\d+\): (\d+) context requests, (\d+) context tokens, (\d+) generation requests, "
+                       r"(\d+) generation tokens")
 
 
 @dataclass
@@ -117,6 +143,28 @@ class ServedCase:
     token_ids: list[int]
     logprobs: list[float]
     kept: dict[str, list[int]]  # per pruned modality: kept positions
+    prefill: list[int] = field(default_factory=list)  # sent alone: the tokens of each step that prefilled it
+
+
+def selections(selection_log) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in selection_log.read_text().splitlines()] if selection_log.exists() else []
+
+
+def ask(client, server, case: Case, uuid: str | None = None) -> ServedCase:
+    """One greedy completion of the case; ``kept`` is left empty."""
+    extra = {"visual_token_selector": case.selector} if case.budget else {}
+    response = server_chat(client, server.model_name, [message(case, uuid)], case.budget, MAX_TOKENS, logprobs=True,
+                           return_token_ids=True, return_tokens_as_token_ids=True, **extra)
+    content = response.choices[0].logprobs.content  # tokens as "token_id:<id>"
+    return ServedCase(response.model_extra["prompt_token_ids"], [int(t.token.split(":")[1]) for t in content],
+                      [t.logprob for t in content], {})
+
+
+def engine_steps(server, start: int = 0) -> list[tuple[int, ...]]:
+    """``(context requests, context tokens, generation requests, generation tokens)`` of every engine step the
+    server logged after byte ``start`` of its log."""
+    text = server.log_path.read_bytes()[start:].decode(errors="replace")
+    return [tuple(int(value) for value in match.groups()) for match in ITERATION.finditer(text)]
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +172,11 @@ def served(client, server, selection_log) -> dict[str, ServedCase]:
     """Every case once, alone, through the server; each pruned item's kept positions from the selection log."""
     results = {}
     for case in CASES:
-        start = len(selection_log.read_text().splitlines()) if selection_log.exists() else 0
-        extra = {"visual_token_selector": case.selector} if case.budget else {}
-        response = server_chat(client, server.model_name, [message(case)], case.budget, MAX_TOKENS, logprobs=True,
-                               return_token_ids=True, return_tokens_as_token_ids=True, **extra)
-        records = [json.loads(line) for line in selection_log.read_text().splitlines()[start:]] \
-            if selection_log.exists() else []
+        start, offset = len(selections(selection_log)), server.log_path.stat().st_size
+        result = ask(client, server, case)
+        # a step that prefills is logged before the ones that decode, so all of them are in the log by now
+        result.prefill = [tokens for requests, tokens, _, _ in engine_steps(server, offset) if requests]
+        records = selections(selection_log)[start:]
         # the model embeds images before videos (the order of its parsed inputs); one record per pruned item
         modalities = [m for m, seed in (("image", case.image), ("video", case.video)) if seed is not None]
         kept = {}
@@ -137,11 +184,26 @@ def served(client, server, selection_log) -> dict[str, ServedCase]:
             modality = next(m for m in modalities if m not in kept and record["num_tokens"] == (
                 70 if m == "image" else NUM_FRAMES * 63))
             kept[modality] = record["kept_positions"]
-        content = response.choices[0].logprobs.content  # tokens as "token_id:<id>"
-        results[case.id] = ServedCase(response.model_extra["prompt_token_ids"],
-                                      [int(t.token.split(":")[1]) for t in content], [t.logprob for t in content],
-                                      kept)
+        result.kept = kept
+        results[case.id] = result
     return results
+
+
+@dataclass
+class Batched:
+    results: dict[str, ServedCase]
+    records: list[dict[str, Any]]  # the selection log's records written while the batch ran
+    steps: list[tuple[int, ...]]  # the engine steps logged while it ran (see engine_steps)
+
+
+@pytest.fixture(scope="module")
+def batched(client, server, selection_log, served) -> Batched:
+    """Every case at once (one thread each), after the solo run."""
+    start, offset = len(selections(selection_log)), server.log_path.stat().st_size
+    with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
+        futures = {case.id: pool.submit(ask, client, server, case, f"batch-{case.id}") for case in CASES}
+        results = {case_id: future.result() for case_id, future in futures.items()}
+    return Batched(results, selections(selection_log)[start:], engine_steps(server, offset))
 
 
 class HFReference:
@@ -252,3 +314,38 @@ def test_another_choice_of_rows_is_far_from_vllm(served, hf):
     tokens, logprobs = hf.generate(ours.prompt_token_ids, {"image": rows["image"][:10]})
     if tokens == ours.token_ids:
         assert max(abs(a - b) for a, b in zip(logprobs, ours.logprobs, strict=True)) > 10 * LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_prefill_was_chunked(case, served, hf):
+    """Sent alone, the case was prefilled CHUNK_TOKENS tokens at a time, and a step boundary falls between two of
+    its soft tokens: its image or video reached the model over several prefill steps."""
+    ids = served[case.id].prompt_token_ids
+    full, rest = divmod(len(ids), CHUNK_TOKENS)
+    assert served[case.id].prefill == [CHUNK_TOKENS] * full + ([rest] if rest else [])
+    vocab = hf.tokenizer.get_vocab()
+    soft = {index for index, token in enumerate(ids)
+            if token in (vocab[tiny_gemma4.IMAGE_TOKEN], vocab[tiny_gemma4.VIDEO_TOKEN])}
+    assert any(index % CHUNK_TOKENS == 0 and index - 1 in soft for index in soft)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_batch_with_mixed_budgets_equals_solo(case, served, batched):
+    solo, batch = served[case.id], batched.results[case.id]
+    assert batch.prompt_token_ids == solo.prompt_token_ids
+    assert batch.token_ids == solo.token_ids
+    difference = max(abs(a - b) for a, b in zip(batch.logprobs, solo.logprobs, strict=True))
+    print(f"{case.id}: batch vs solo max |logprob difference| {difference:.2e}")
+
+
+def test_batch_kept_the_same_positions_and_ran_together(served, batched):
+    """The batch selected again (a record per pruned item) and kept, item for item, the rows the solo requests kept;
+    its requests shared engine steps, none of them over CHUNK_TOKENS tokens."""
+    solo = Counter((case.selector, case.budget, len(positions), tuple(positions))
+                   for case in CASES for positions in served[case.id].kept.values())
+    batch = Counter((record["selector"], record["budget"], len(record["kept_positions"]),
+                     tuple(record["kept_positions"])) for record in batched.records)
+    assert sum(solo.values()) == 8 and batch == solo
+    assert max(context + generation for context, _, generation, _ in batched.steps) > 1
+    assert max(context_tokens + generation_tokens for _, context_tokens, _, generation_tokens in batched.steps) \
+        <= CHUNK_TOKENS
