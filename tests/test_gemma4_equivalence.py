@@ -37,12 +37,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 from textscythe_dev import tiny_gemma4
-from textscythe_dev.images import data_url, scene
+from textscythe_dev.images import data_url, decoded_frames, scene
 from textscythe_dev.server import Served
 from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.processing import spread_budget
@@ -88,23 +87,6 @@ def clip_bytes(seed: int) -> bytes:
 
     url = video_data_url(seed, num_frames=NUM_FRAMES, width=VIDEO_SIZE[0], height=VIDEO_SIZE[1], fps=FPS)
     return base64.b64decode(url.split(",", 1)[1])
-
-
-def decoded_frames(data: bytes, directory) -> list[np.ndarray]:
-    """The clip's frames as the server's OpenCV video backend decodes them (RGB)."""
-    import cv2
-
-    path = directory / "clip.mp4"
-    path.write_bytes(data)
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    capture.release()
-    return frames
 
 
 def message(case: Case, uuid: str | None = None) -> dict[str, Any]:
@@ -207,7 +189,7 @@ def batched(client, server, selection_log, served) -> Batched:
 
 
 class HFReference:
-    def __init__(self, model_dir, workdir) -> None:
+    def __init__(self, model_dir) -> None:
         from transformers import AutoProcessor, Gemma4ForConditionalGeneration
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
@@ -215,7 +197,6 @@ class HFReference:
         self.model = Gemma4ForConditionalGeneration.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="eager").eval()
         self.config = self.model.config
-        self.workdir = workdir
 
     @torch.no_grad()
     def rows(self, images: list[Any], max_soft_tokens: int | None = None) -> list[torch.Tensor]:
@@ -228,7 +209,7 @@ class HFReference:
     def frames(self, seed: int) -> list[Any]:
         from PIL import Image
 
-        frames = decoded_frames(clip_bytes(seed), self.workdir)
+        frames = decoded_frames(clip_bytes(seed))
         assert len(frames) == NUM_FRAMES
         return [Image.fromarray(frame) for frame in frames]  # vLLM hands Gemma 4 PIL frames
 
@@ -282,8 +263,8 @@ class HFReference:
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir, tmp_path_factory):
-    return HFReference(model_dir, tmp_path_factory.mktemp("hf"))
+def hf(model_dir):
+    return HFReference(model_dir)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

@@ -47,7 +47,7 @@ import pytest
 import torch
 
 from textscythe_dev import tiny_internvl
-from textscythe_dev.images import media_message, scene, video_data_url
+from textscythe_dev.images import decoded_frames, media_message, scene, video_data_url
 from textscythe_dev.reference import user_message_instructions
 from textscythe_dev.server import VLLMServer
 from textscythe_vllm.processing import spread_budget
@@ -129,23 +129,6 @@ def pixel_values() -> torch.Tensor:
     return processor.image_processor(images=[IMAGE], return_tensors="pt")["pixel_values"]
 
 
-def opencv_frames(directory: Path) -> np.ndarray:
-    """``[frames, H, W, 3]`` RGB: the clip decoded frame by frame with OpenCV, nothing sampled."""
-    import cv2
-
-    path = directory / "clip.mp4"
-    path.write_bytes(base64.b64decode(video_url().split(",", 1)[1]))
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    capture.release()
-    return np.stack(frames)
-
-
 def vllm_frames() -> tuple[np.ndarray, dict[str, Any]]:
     """The clip as the server decodes it: vLLM's configured video loader with ``VideoMediaIO``'s frame count."""
     import inspect
@@ -179,12 +162,12 @@ def test_both_preprocessings_agree_on_this_image():
     torch.testing.assert_close(chat, pixel_values(), atol=1e-6, rtol=0)
 
 
-def test_the_server_decodes_every_frame_of_the_clip(tmp_path):
+def test_the_server_decodes_every_frame_of_the_clip():
     """The reference's frames are the server's: vLLM's loader gives exactly OpenCV's frames, all of them."""
     decoded, metadata = vllm_frames()
     assert decoded.shape == (FRAMES, tiny_internvl.IMAGE_SIZE, tiny_internvl.IMAGE_SIZE, 3)
     assert metadata["frames_indices"] == list(range(FRAMES))
-    np.testing.assert_array_equal(decoded, opencv_frames(tmp_path))
+    np.testing.assert_array_equal(decoded, np.stack(decoded_frames(base64.b64decode(video_url().split(",", 1)[1]))))
 
 
 def test_both_preprocessings_agree_on_these_frames(frames):

@@ -55,6 +55,29 @@ def video_data_url(seed: int, num_frames: int = 8, width: int = 168, height: int
             return "data:video/mp4;base64," + base64.b64encode(clip.read()).decode()
 
 
+def decoded_frames(data: bytes) -> list[np.ndarray]:
+    """The mp4 ``data``'s frames (RGB ``[H, W, 3]``), decoded one by one with OpenCV as vLLM's OpenCV video
+    backend decodes them, nothing sampled."""
+    import os
+    import tempfile
+
+    import cv2
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "clip.mp4")
+        with open(path, "wb") as clip:
+            clip.write(data)
+        capture = cv2.VideoCapture(path)
+        frames = []
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        capture.release()
+    return frames
+
+
 def media_message(text: str, images: tuple[Image.Image, ...] | list[Image.Image] = (),
                   videos: tuple[str, ...] | list[str] = ()) -> dict[str, object]:
     """A user message: the images, then the videos (data URLs), then the text."""
