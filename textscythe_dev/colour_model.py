@@ -30,12 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from textscythe_dev.tiny_models import (
-    IMAGE_SIZE,
-    PATCH_SIZE,
-    build_tiny_llava,
-    restore_vision_model_prefix,
-)
+from textscythe_dev.tiny_common import restore_vision_model_prefix
+from textscythe_dev.tiny_models import IMAGE_SIZE, PATCH_SIZE, build_tiny_llava
 
 GRID = IMAGE_SIZE // PATCH_SIZE  # 24 patches a side
 PALETTE: dict[str, tuple[int, int, int]] = {

@@ -167,7 +167,8 @@ def build_config(vocab_size: int, text: dict[str, Any], vision: dict[str, Any], 
     interleaved M-RoPE, the tiny tokenizer's special-token ids)."""
     from transformers import Qwen3VLConfig
 
-    from textscythe_dev.tiny_qwen import ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+    from textscythe_dev.tiny_common import ENDOFTEXT, IM_END
+    from textscythe_dev.tiny_qwen import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
     from textscythe_dev.tiny_qwen3_vl import vocabulary
 
     vocab = vocabulary()

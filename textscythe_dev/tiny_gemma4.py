@@ -44,10 +44,16 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
+from textscythe_dev.tiny_common import (
+    TEXT_SIZES,
+    VISION_SIZES,
+    builder_argument_parser,
+    scene_video,
+    serve_command,
+    write_checkpoint,
+)
 from textscythe_dev.word_tokenizer import build_word_tokenizer, word_vocabulary
 
 UNK_TOKEN = "<unk>"
@@ -148,11 +154,7 @@ def build_config(vocab_size: int, dtype: str = "float32", bidirectional_vision: 
     vocab = vocabulary()
     text_config = dict(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **dict(TEXT_SIZES, num_key_value_heads=1),  # grouped-query attention, as in Gemma 4
         head_dim=HEAD_DIM,
         global_head_dim=HEAD_DIM,
         layer_types=["sliding_attention", "full_attention"],
@@ -177,10 +179,7 @@ def build_config(vocab_size: int, dtype: str = "float32", bidirectional_vision: 
         dtype=dtype,
     )
     vision_config = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **VISION_SIZES,
         num_key_value_heads=2,
         head_dim=32,
         patch_size=PATCH_SIZE,
@@ -229,18 +228,9 @@ def build_processor(tokenizer):
 
 
 def tiny_video(seed: int, num_frames: int = 4, width: int = 336, height: int = 240, fps: float = 1.0):
-    """``(frames [T, H, W, 3] uint8, metadata)``: a deterministic clip of :func:`~textscythe_dev.images.scene`
-    pictures (a new scene every frame), in the ``(video, metadata)`` form vLLM's Gemma 4 parser expects."""
-    import numpy as np
-
-    from textscythe_dev.images import scene
-
-    frames = np.stack([np.asarray(scene(seed * 1000 + index, width, height)) for index in range(num_frames)])
-    metadata = {
-        "fps": fps, "duration": num_frames / fps, "total_num_frames": num_frames,
-        "frames_indices": list(range(num_frames)), "video_backend": "opencv", "do_sample_frames": False,
-    }
-    return frames, metadata
+    """:func:`~textscythe_dev.tiny_common.scene_video` at a size that suits this model (a few frames, one per
+    second)."""
+    return scene_video(seed, num_frames, width, height, fps)
 
 
 def sharpen_attention(
@@ -271,43 +261,22 @@ def build_tiny_gemma4(
     bidirectional_vision: bool = False,
 ) -> Path:
     """Write a tiny Gemma 4 checkpoint directory to ``path`` and return it."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_gemma4_tokenizer()
-    config = build_config(len(tokenizer), dtype, bidirectional_vision)
-    processor = build_processor(tokenizer)
-    for stale in path.glob("*.safetensors"):
-        stale.unlink()
-    if with_weights:
-        import torch
-        from transformers import Gemma4ForConditionalGeneration
-
-        torch.manual_seed(seed)
-        model = Gemma4ForConditionalGeneration(config).eval()
-        sharpen_attention(model)
-        model.save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
-    else:
-        config.save_pretrained(path)
-    processor.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(path / "textscythe_tiny_model.json", "w") as f:
-        json.dump({"kind": "gemma4", "with_weights": with_weights, "seed": seed, "dtype": dtype,
-                   "bidirectional_vision": bidirectional_vision}, f, indent=2)
-    return path
+    return write_checkpoint(
+        path, kind="gemma4", config=build_config(len(tokenizer), dtype, bidirectional_vision), tokenizer=tokenizer,
+        processor=build_processor(tokenizer), with_weights=with_weights, seed=seed, dtype=dtype,
+        adjust_weights=sharpen_attention, marker_fields={"bidirectional_vision": bidirectional_vision},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m textscythe_dev.tiny_gemma4")
-    parser.add_argument("path", type=Path)
-    parser.add_argument("--with-weights", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = builder_argument_parser("tiny_gemma4")
     parser.add_argument("--bidirectional-vision", action="store_true",
                         help='use_bidirectional_attention="vision" (as in the large Gemma 4 models)')
     args = parser.parse_args(argv)
     out = build_tiny_gemma4(args.path, with_weights=args.with_weights, seed=args.seed,
                             bidirectional_vision=args.bidirectional_vision)
-    load = "" if args.with_weights else " --load-format dummy"
-    print(f"wrote tiny Gemma 4 to {out} (serve: vllm serve {out}{load} --enforce-eager)")
+    print(f"wrote tiny Gemma 4 to {out} (serve: {serve_command(out, with_weights=args.with_weights)})")
     return 0
 
 

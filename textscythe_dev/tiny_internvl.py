@@ -40,16 +40,27 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from textscythe_dev.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
+from textscythe_dev.tiny_common import (
+    CHATML_SPECIAL_TOKENS,
+    ENDOFTEXT,
+    IM_END,
+    TEXT_SIZES,
+    VISION_SIZES,
+    build_chatml_tokenizer,
+    builder_argument_parser,
+    chatml_text_token_ids,
+    prepare_directory,
+    scale_projections,
+    seeded_model,
+    serve_command,
+    write_checkpoint,
+    write_marker,
+)
+from textscythe_dev.word_tokenizer import im_chat_template, word_vocabulary
 
-UNK_TOKEN = "<unk>"
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -58,8 +69,7 @@ IMAGE_TOKEN = "<image>"  # image placeholder of the chat format
 VIDEO_PAD = "<|video_pad|>"  # chat format: context token of video frames (vLLM: InternVLProcessingInfo.ctx_video_token)
 # Order fixes the ids: <unk>=0, <|endoftext|>=1, <|im_start|>=2, <|im_end|>=3, <img>=4, </img>=5,
 # <IMG_CONTEXT>=6, <video>=7, <image>=8, <|video_pad|>=9.
-SPECIAL_TOKENS = (UNK_TOKEN, ENDOFTEXT, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, VIDEO_TOKEN, IMAGE_TOKEN,
-                  VIDEO_PAD)
+SPECIAL_TOKENS = (*CHATML_SPECIAL_TOKENS, IMG_START, IMG_END, IMG_CONTEXT, VIDEO_TOKEN, IMAGE_TOKEN, VIDEO_PAD)
 
 FORMATS = ("hf", "chat")
 IMAGE_SIZE = 112  # tile side in pixels
@@ -74,9 +84,6 @@ MAX_POSITION_EMBEDDINGS = 8192
 IMAGE_MEAN = [0.485, 0.456, 0.406]
 IMAGE_STD = [0.229, 0.224, 0.225]
 
-VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
-
 CHAT_TEMPLATES = {"hf": im_chat_template(IMG_CONTEXT, VIDEO_TOKEN), "chat": im_chat_template(IMAGE_TOKEN, VIDEO_TOKEN)}
 
 
@@ -88,11 +95,9 @@ def build_tokenizer(fmt: str = "hf"):
     """A ``PreTrainedTokenizerFast`` with InternVL's special tokens (named as transformers' ``InternVLProcessor``
     expects: ``start_image_token``, ``end_image_token``, ``context_image_token``, ``video_token``) and the
     format's chat template."""
-    return build_word_tokenizer(
+    return build_chatml_tokenizer(
         SPECIAL_TOKENS,
         chat_template=CHAT_TEMPLATES[fmt],
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
         extra_special_tokens={
             "start_image_token": IMG_START, "end_image_token": IMG_END,
             "context_image_token": IMG_CONTEXT, "video_token": VIDEO_TOKEN,
@@ -107,14 +112,12 @@ def text_config_dict(vocab_size: int, dtype: str = "float32") -> dict:
         model_type="qwen2",
         architectures=["Qwen2ForCausalLM"],
         vocab_size=vocab_size,
-        **TEXT,
+        **TEXT_SIZES,
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         hidden_act="silu",
-        bos_token_id=vocab[ENDOFTEXT],
-        eos_token_id=vocab[IM_END],
-        pad_token_id=vocab[ENDOFTEXT],
+        **chatml_text_token_ids(vocab),
         tie_word_embeddings=False,
         dtype=dtype,
     )
@@ -125,7 +128,7 @@ def build_hf_config(vocab_size: int, dtype: str = "float32"):
 
     vocab = vocabulary()
     vision_config = dict(
-        **VISION,
+        **VISION_SIZES,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
         attention_bias=True,
@@ -164,7 +167,7 @@ def chat_config_dict(vocab_size: int, dtype: str = "float32") -> dict:
         "vision_config": dict(
             architectures=["InternVisionModel"],
             model_type="intern_vit_6b",
-            **VISION,
+            **VISION_SIZES,
             image_size=IMAGE_SIZE,
             patch_size=PATCH_SIZE,
             num_channels=3,
@@ -310,20 +313,14 @@ def build_processor(tokenizer, fmt: str = "hf"):
 
 
 def sharpen_attention(model, text_scale: float = 8.0, vision_scale: float = 4.0) -> None:
-    """Scale q and k projections so a tiny random model attends far from uniformly (see tiny_qwen)."""
-    import torch
-
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                projection.weight.mul_(text_scale)
-                if projection.bias is not None:
-                    projection.bias.mul_(text_scale)
-        for layer in model.model.vision_tower.encoder.layer:
-            for projection in (layer.attention.q_proj, layer.attention.k_proj):
-                projection.weight.mul_(vision_scale)
-                if projection.bias is not None:
-                    projection.bias.mul_(vision_scale)
+    """Scale q and k projections so a tiny random model attends far from uniformly
+    (:func:`~textscythe_dev.tiny_common.scale_projections`)."""
+    text_layers = model.model.language_model.layers
+    vision_layers = model.model.vision_tower.encoder.layer
+    scale_projections((p for layer in text_layers for p in (layer.self_attn.q_proj, layer.self_attn.k_proj)),
+                      text_scale)
+    scale_projections((p for layer in vision_layers for p in (layer.attention.q_proj, layer.attention.k_proj)),
+                      vision_scale)
 
 
 _CHAT_PREFIXES = (
@@ -379,65 +376,50 @@ def to_chat_state_dict(hf_state: dict) -> dict:
     return out
 
 
-def _hf_model(config, seed: int):
-    import torch
-    from transformers import InternVLForConditionalGeneration
-
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
-    sharpen_attention(model)
-    return model
-
-
 def build_tiny_internvl(
     path: str | Path, *, fmt: str = "hf", with_weights: bool = False, seed: int = 0, dtype: str = "float32"
 ) -> Path:
     """Write a tiny InternVL checkpoint directory (``fmt`` ``"hf"`` or ``"chat"``) to ``path`` and return it."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, not {fmt!r}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(fmt)
     hf_config = build_hf_config(len(tokenizer), dtype)
-    for stale in path.glob("*.safetensors"):
-        stale.unlink()
+    kind = f"internvl-{fmt}"
     if fmt == "hf":
-        if with_weights:
-            _hf_model(hf_config, seed).save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
-        else:
-            hf_config.save_pretrained(path)
-        build_processor(tokenizer, fmt).save_pretrained(path)
-    else:
-        (path / "configuration_intern_vit.py").write_text(CONFIGURATION_INTERN_VIT)
-        (path / "configuration_internvl_chat.py").write_text(CONFIGURATION_INTERNVL_CHAT)
-        with open(path / "config.json", "w") as f:
-            json.dump(chat_config_dict(len(tokenizer), dtype), f, indent=2)
-        with open(path / "generation_config.json", "w") as f:
-            vocab = vocabulary()
-            json.dump({"eos_token_id": vocab[IM_END], "pad_token_id": vocab[ENDOFTEXT]}, f, indent=2)
-        if with_weights:
-            from safetensors.torch import save_file
+        return write_checkpoint(
+            path, kind=kind, config=hf_config, tokenizer=tokenizer, processor=build_processor(tokenizer, fmt),
+            with_weights=with_weights, seed=seed, dtype=dtype, adjust_weights=sharpen_attention,
+        )
+    # The chat format: remote-code config classes, a hand-written config.json, the HF-format weights renamed,
+    # and no processor files.
+    path = prepare_directory(path)
+    (path / "configuration_intern_vit.py").write_text(CONFIGURATION_INTERN_VIT)
+    (path / "configuration_internvl_chat.py").write_text(CONFIGURATION_INTERNVL_CHAT)
+    with open(path / "config.json", "w") as f:
+        json.dump(chat_config_dict(len(tokenizer), dtype), f, indent=2)
+    with open(path / "generation_config.json", "w") as f:
+        vocab = vocabulary()
+        json.dump({"eos_token_id": vocab[IM_END], "pad_token_id": vocab[ENDOFTEXT]}, f, indent=2)
+    if with_weights:
+        from safetensors.torch import save_file
 
-            state = to_chat_state_dict(_hf_model(hf_config, seed).state_dict())
-            save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        model = seeded_model(hf_config, seed)
+        sharpen_attention(model)
+        save_file(to_chat_state_dict(model.state_dict()), path / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(path)
-    with open(path / "textscythe_tiny_model.json", "w") as f:
-        json.dump({"kind": f"internvl-{fmt}", "with_weights": with_weights, "seed": seed, "dtype": dtype}, f,
-                  indent=2)
+    write_marker(path, kind, with_weights=with_weights, seed=seed, dtype=dtype)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m textscythe_dev.tiny_internvl")
-    parser.add_argument("path", type=Path)
+    parser = builder_argument_parser("tiny_internvl")
     parser.add_argument("--fmt", choices=FORMATS, default="hf")
-    parser.add_argument("--with-weights", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = build_tiny_internvl(args.path, fmt=args.fmt, with_weights=args.with_weights, seed=args.seed)
-    load = "" if args.with_weights else " --load-format dummy"
-    remote = " --trust-remote-code" if args.fmt == "chat" else ""
-    print(f"wrote tiny InternVL ({args.fmt}) to {out} (serve: vllm serve {out}{load}{remote} --enforce-eager)")
+    # vLLM has no config class for the chat format: the checkpoint's own code defines it
+    flags = " --trust-remote-code" if args.fmt == "chat" else ""
+    command = serve_command(out, with_weights=args.with_weights, flags=flags)
+    print(f"wrote tiny InternVL ({args.fmt}) to {out} (serve: {command})")
     return 0
 
 

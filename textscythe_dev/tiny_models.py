@@ -21,11 +21,18 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from textscythe_dev.tiny_common import (
+    TEXT_SIZES,
+    VISION_SIZES,
+    builder_argument_parser,
+    restore_vision_model_prefix,
+    seed_image_newline,
+    serve_command,
+    write_checkpoint,
+)
 from textscythe_dev.word_tokenizer import build_word_tokenizer, word_vocabulary
 
 KINDS = ("llava-1.5", "llava-next")
@@ -98,14 +105,9 @@ def build_tiny_tokenizer():
 def _text_config(vocab_size: int, dtype: str, overrides: dict[str, Any] | None = None):
     from transformers import LlamaConfig
 
-    # head_dim 64: vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ...
     fields: dict[str, Any] = dict(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        **TEXT_SIZES,
         head_dim=64,
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         rms_norm_eps=1e-5,
@@ -125,10 +127,7 @@ def _vision_config(dtype: str, overrides: dict[str, Any] | None = None):
     fields: dict[str, Any] = dict(
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **VISION_SIZES,
         projection_dim=64,
         dtype=dtype,
     )
@@ -191,59 +190,6 @@ def _build_processor(kind: str, tokenizer):
     )
 
 
-def vllm_weight_name(name: str) -> str:
-    """Map a key written by transformers 5's ``save_pretrained`` to the name vLLM 0.32's LLaVA loader expects.
-
-    transformers 5 saves LLaVA in the legacy top-level layout (``language_model.model.*``,
-    ``language_model.lm_head.*``, ``multi_modal_projector.*``, ``image_newline``), which vLLM maps
-    itself, but it writes the CLIP tower without its ``vision_model.`` level
-    (``vision_tower.embeddings.*``). vLLM's ``CLIPVisionModel`` lives under ``vision_tower.vision_model``,
-    and transformers accepts that layout too (it strips ``vision_model.`` when loading), so we restore it.
-    """
-    prefix = "vision_tower."
-    if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
-        return prefix + "vision_model." + name[len(prefix) :]
-    return name
-
-
-def restore_vision_model_prefix(path: Path) -> None:
-    """Rewrite the single ``*.safetensors`` file that ``save_pretrained`` wrote in ``path`` with the tower keys
-    vLLM expects (:func:`vllm_weight_name`)."""
-    from safetensors.torch import load_file, save_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) != 1:
-        raise RuntimeError(
-            f"expected exactly one safetensors file in {path}, found {[f.name for f in files]}"
-        )
-    tensors = load_file(files[0])
-    renamed = {vllm_weight_name(k): v.contiguous() for k, v in tensors.items()}
-    if len(renamed) != len(tensors):
-        raise RuntimeError("weight renaming produced duplicate names")
-    save_file(renamed, files[0], metadata={"format": "pt"})
-    files[0].chmod(0o644)
-
-
-def _save_random_weights(config, path: Path, kind: str, seed: int) -> None:
-    import torch
-
-    if kind == "llava-1.5":
-        from transformers import LlavaForConditionalGeneration as model_cls
-    else:
-        from transformers import LlavaNextForConditionalGeneration as model_cls
-
-    torch.manual_seed(seed)
-    model = model_cls(config)
-    if kind == "llava-next":
-        # transformers initialises image_newline with torch.empty-like values in some versions: make it seeded.
-        with torch.no_grad():
-            model.model.image_newline.normal_(0.0, config.text_config.hidden_size**-0.5)
-    model.eval()
-    model.save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
-
-    restore_vision_model_prefix(path)
-
-
 def build_tiny_llava(
     path: str | Path,
     *,
@@ -267,53 +213,33 @@ def build_tiny_llava(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = build_tiny_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     fixed = {"image_size", "patch_size"} & set(vision_config or {})
     if fixed:
         raise ValueError(f"vision_config must not override {sorted(fixed)} (the processor fixes them)")
-    config = _build_config(kind, len(tokenizer), image_token_id, dtype, text_config, vision_config)
-    processor = _build_processor(kind, tokenizer)
 
-    if with_weights:
-        _save_random_weights(config, path, kind, seed)
-    else:
-        for stale in path.glob("*.safetensors"):
-            stale.unlink()
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            index.unlink()
-        config.save_pretrained(path)
-    processor.save_pretrained(path)
-    # vLLM and transformers both look for the template next to the tokenizer too.
-    tokenizer.save_pretrained(path)
-    with open(path / "textscythe_tiny_model.json", "w") as f:
-        record: dict[str, Any] = {"kind": kind, "with_weights": with_weights, "seed": seed, "dtype": dtype}
-        if text_config or vision_config:
-            record.update(text_config=text_config or {}, vision_config=vision_config or {})
-        json.dump(record, f, indent=2)
-    return path
+    tokenizer = build_tiny_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = _build_config(kind, len(tokenizer), image_token_id, dtype, text_config, vision_config)
+    overrides = dict(text_config=text_config or {}, vision_config=vision_config or {})
+    return write_checkpoint(
+        path, kind=kind, config=config, tokenizer=tokenizer, processor=_build_processor(kind, tokenizer),
+        with_weights=with_weights, seed=seed, dtype=dtype,
+        adjust_weights=seed_image_newline if kind == "llava-next" else None,
+        # transformers 5 drops the CLIP tower's vision_model. level, which vLLM needs
+        rewrite_saved_weights=restore_vision_model_prefix,
+        marker_fields=overrides if text_config or vision_config else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m textscythe_dev.tiny_models",
-        description="Write a tiny LLaVA-shaped checkpoint that vLLM serves on CPU.",
-    )
-    parser.add_argument("path", type=Path)
+    parser = builder_argument_parser("tiny_models", "Write a tiny LLaVA-shaped checkpoint that vLLM serves on CPU.")
     parser.add_argument("--kind", choices=KINDS, default="llava-1.5")
-    parser.add_argument("--with-weights", action="store_true", help="also save random (seeded) weights")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
     out = build_tiny_llava(
         args.path, kind=args.kind, with_weights=args.with_weights, seed=args.seed, dtype=args.dtype
     )
-    load = "" if args.with_weights else " --load-format dummy"
-    print(f"wrote {args.kind} tiny model to {out} (serve: vllm serve {out}{load} --enforce-eager)")
+    print(f"wrote {args.kind} tiny model to {out} (serve: {serve_command(out, with_weights=args.with_weights)})")
     return 0
 
 

@@ -24,21 +24,26 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from textscythe_dev.tiny_models import restore_vision_model_prefix
-from textscythe_dev.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
+from textscythe_dev.tiny_common import (
+    CHATML_SPECIAL_TOKENS,
+    TEXT_SIZES,
+    VISION_SIZES,
+    build_chatml_tokenizer,
+    builder_argument_parser,
+    chatml_text_token_ids,
+    restore_vision_model_prefix,
+    seed_image_newline,
+    serve_command,
+    write_checkpoint,
+)
+from textscythe_dev.word_tokenizer import im_chat_template, word_vocabulary
 
-UNK_TOKEN = "<unk>"
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 # Order fixes the ids: <unk>=0, <|endoftext|>=1, <|im_start|>=2, <|im_end|>=3, <image>=4, <video>=5.
-SPECIAL_TOKENS = (UNK_TOKEN, ENDOFTEXT, IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN)
+SPECIAL_TOKENS = (*CHATML_SPECIAL_TOKENS, IMAGE_TOKEN, VIDEO_TOKEN)
 
 IMAGE_SIZE = 384
 PATCH_SIZE = 14
@@ -56,11 +61,9 @@ def vocabulary() -> dict[str, int]:
 
 
 def build_tokenizer():
-    return build_word_tokenizer(
+    return build_chatml_tokenizer(
         SPECIAL_TOKENS,
         chat_template=CHAT_TEMPLATE,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
         extra_special_tokens={"image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN},
         model_max_length=MAX_POSITION_EMBEDDINGS,
     )
@@ -71,15 +74,10 @@ def build_config(vocab_size: int, dtype: str = "float32"):
 
     vocab = vocabulary()
     text_config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=MAX_POSITION_EMBEDDINGS,
-        bos_token_id=vocab[ENDOFTEXT], eos_token_id=vocab[IM_END], pad_token_id=vocab[ENDOFTEXT],
-        tie_word_embeddings=False, dtype=dtype,
+        vocab_size=vocab_size, **TEXT_SIZES, max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        **chatml_text_token_ids(vocab), tie_word_embeddings=False, dtype=dtype,
     )
-    vision_config = SiglipVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=2, dtype=dtype,
-    )
+    vision_config = SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **VISION_SIZES, dtype=dtype)
     config = LlavaOnevisionConfig(
         vision_config=vision_config, text_config=text_config,
         image_token_index=vocab[IMAGE_TOKEN], video_token_index=vocab[VIDEO_TOKEN],
@@ -113,42 +111,20 @@ def build_tiny_onevision(
     path: str | Path, *, with_weights: bool = False, seed: int = 0, dtype: str = "float32"
 ) -> Path:
     """Write a tiny LLaVA-OneVision checkpoint directory to ``path`` and return it."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = build_config(len(tokenizer), dtype)
-    processor = build_processor(tokenizer)
-    for stale in path.glob("*.safetensors"):
-        stale.unlink()
-    if with_weights:
-        import torch
-        from transformers import LlavaOnevisionForConditionalGeneration
-
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config).eval()
-        with torch.no_grad():  # seeded, not left to the initialiser
-            model.model.image_newline.normal_(0.0, config.text_config.hidden_size**-0.5)
-        model.save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
-        restore_vision_model_prefix(path)  # transformers 5 drops the tower's vision_model. level
-    else:
-        config.save_pretrained(path)
-    processor.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(path / "textscythe_tiny_model.json", "w") as f:
-        json.dump({"kind": "llava-onevision", "with_weights": with_weights, "seed": seed, "dtype": dtype}, f,
-                  indent=2)
-    return path
+    return write_checkpoint(
+        path, kind="llava-onevision", config=build_config(len(tokenizer), dtype), tokenizer=tokenizer,
+        processor=build_processor(tokenizer), with_weights=with_weights, seed=seed, dtype=dtype,
+        adjust_weights=seed_image_newline,
+        # transformers 5 drops the tower's vision_model. level, which vLLM needs
+        rewrite_saved_weights=restore_vision_model_prefix,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m textscythe_dev.tiny_onevision")
-    parser.add_argument("path", type=Path)
-    parser.add_argument("--with-weights", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = builder_argument_parser("tiny_onevision").parse_args(argv)
     out = build_tiny_onevision(args.path, with_weights=args.with_weights, seed=args.seed)
-    load = "" if args.with_weights else " --load-format dummy"
-    print(f"wrote tiny LLaVA-OneVision to {out} (serve: vllm serve {out}{load} --enforce-eager)")
+    print(f"wrote tiny LLaVA-OneVision to {out} (serve: {serve_command(out, with_weights=args.with_weights)})")
     return 0
 
 

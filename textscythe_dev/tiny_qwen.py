@@ -28,23 +28,30 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from textscythe_dev.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
+from textscythe_dev.tiny_common import (
+    CHATML_SPECIAL_TOKENS,
+    IM_START,
+    TEXT_SIZES,
+    build_chatml_tokenizer,
+    builder_argument_parser,
+    chatml_text_token_ids,
+    scale_fused_query_key,
+    scale_projections,
+    scene_video,
+    serve_command,
+    write_checkpoint,
+)
+from textscythe_dev.word_tokenizer import im_chat_template, word_vocabulary
 
-UNK_TOKEN = "<unk>"
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 # Order fixes the ids: <unk>=0, <|endoftext|>=1, <|im_start|>=2, <|im_end|>=3, <|vision_start|>=4,
 # <|vision_end|>=5, <|image_pad|>=6, <|video_pad|>=7.
-SPECIAL_TOKENS = (UNK_TOKEN, ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+SPECIAL_TOKENS = (*CHATML_SPECIAL_TOKENS, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -55,6 +62,9 @@ MAX_PIXELS = 336 * 336  # at most 24 x 24 patches = 144 visual tokens per image 
 MAX_POSITION_EMBEDDINGS = 8192
 TOKENS_PER_SECOND = 2
 
+# As in Qwen's own tokenizer, every control token is special (``all_special_ids``).
+QWEN_CONTROL_TOKENS = (IM_START, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+
 CHAT_TEMPLATE = im_chat_template(VISION_START + IMAGE_PAD + VISION_END, VISION_START + VIDEO_PAD + VISION_END)
 
 
@@ -64,13 +74,10 @@ def vocabulary() -> dict[str, int]:
 
 def build_tiny_qwen_tokenizer():
     """A ``PreTrainedTokenizerFast`` with Qwen2.5-VL's special tokens and chat format (word-level, lower-cased)."""
-    return build_word_tokenizer(
+    return build_chatml_tokenizer(
         SPECIAL_TOKENS,
         chat_template=CHAT_TEMPLATE,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        # as in Qwen's own tokenizer, every control token is special (``all_special_ids``)
-        extra_special_tokens=[IM_START, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD],
+        extra_special_tokens=list(QWEN_CONTROL_TOKENS),
         model_max_length=MAX_POSITION_EMBEDDINGS,
     )
 
@@ -81,17 +88,11 @@ def build_config(vocab_size: int, dtype: str = "float32"):
     vocab = vocabulary()
     text_config = dict(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        **TEXT_SIZES,
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
-        bos_token_id=vocab[ENDOFTEXT],
-        eos_token_id=vocab[IM_END],
-        pad_token_id=vocab[ENDOFTEXT],
+        **chatml_text_token_ids(vocab),
         tie_word_embeddings=False,
         dtype=dtype,
     )
@@ -142,78 +143,36 @@ def build_processor(tokenizer):
 
 
 def tiny_video(seed: int, num_frames: int = 8, width: int = 168, height: int = 112, fps: float = 2.0):
-    """``(frames [T, H, W, 3] uint8, metadata)``: a deterministic clip of :func:`~textscythe_dev.images.scene`
-    pictures (a new scene every frame), in the ``(video, metadata)`` form vLLM's Qwen2.5-VL parser expects."""
-    import numpy as np
-
-    from textscythe_dev.images import scene
-
-    frames = np.stack([np.asarray(scene(seed * 1000 + index, width, height)) for index in range(num_frames)])
-    metadata = {
-        "fps": fps, "duration": num_frames / fps, "total_num_frames": num_frames,
-        "frames_indices": list(range(num_frames)), "video_backend": "opencv", "do_sample_frames": False,
-    }
-    return frames, metadata
+    """:func:`~textscythe_dev.tiny_common.scene_video` at a size that suits this model (8 frames: 4 temporal
+    patches of 2)."""
+    return scene_video(seed, num_frames, width, height, fps)
 
 
 def sharpen_attention(model, text_scale: float = 8.0, vision_scale: float = 4.0) -> None:
-    """Scale the query and key projections of random weights so attention is far from uniform.
-
-    With the default initialisation (std 0.02) a tiny random model attends almost uniformly: its output then
-    barely depends on positions (M-RoPE) or on which visual tokens receive attention, and a test could not
-    tell right positions from wrong ones. Scaling q and k by ``s`` multiplies every attention logit by ``s**2``.
-    """
-    import torch
-
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                projection.weight.mul_(text_scale)
-                if projection.bias is not None:
-                    projection.bias.mul_(text_scale)
-        for block in model.model.visual.blocks:
-            width = block.attn.qkv.out_features // 3
-            block.attn.qkv.weight[: 2 * width].mul_(vision_scale)  # rows: q, then k, then v
-            block.attn.qkv.bias[: 2 * width].mul_(vision_scale)
+    """Scale the query and key projections of random weights so attention is far from uniform and outputs depend
+    clearly on positions (M-RoPE) and on which visual tokens receive attention (see
+    :func:`~textscythe_dev.tiny_common.scale_projections`)."""
+    layers = model.model.language_model.layers
+    scale_projections((p for layer in layers for p in (layer.self_attn.q_proj, layer.self_attn.k_proj)), text_scale)
+    scale_fused_query_key((block.attn.qkv for block in model.model.visual.blocks), vision_scale)
 
 
 def build_tiny_qwen2_5_vl(
     path: str | Path, *, with_weights: bool = False, seed: int = 0, dtype: str = "float32"
 ) -> Path:
     """Write a tiny Qwen2.5-VL checkpoint directory to ``path`` and return it."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_qwen_tokenizer()
-    config = build_config(len(tokenizer), dtype)
-    processor = build_processor(tokenizer)
-    for stale in path.glob("*.safetensors"):
-        stale.unlink()
-    if with_weights:
-        import torch
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
-        sharpen_attention(model)
-        model.save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
-    else:
-        config.save_pretrained(path)
-    processor.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(path / "textscythe_tiny_model.json", "w") as f:
-        json.dump({"kind": "qwen2.5-vl", "with_weights": with_weights, "seed": seed, "dtype": dtype}, f, indent=2)
-    return path
+    return write_checkpoint(
+        path, kind="qwen2.5-vl", config=build_config(len(tokenizer), dtype), tokenizer=tokenizer,
+        processor=build_processor(tokenizer), with_weights=with_weights, seed=seed, dtype=dtype,
+        adjust_weights=sharpen_attention,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m textscythe_dev.tiny_qwen")
-    parser.add_argument("path", type=Path)
-    parser.add_argument("--with-weights", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = builder_argument_parser("tiny_qwen").parse_args(argv)
     out = build_tiny_qwen2_5_vl(args.path, with_weights=args.with_weights, seed=args.seed)
-    load = "" if args.with_weights else " --load-format dummy"
-    print(f"wrote tiny Qwen2.5-VL to {out} (serve: vllm serve {out}{load} --enforce-eager)")
+    print(f"wrote tiny Qwen2.5-VL to {out} (serve: {serve_command(out, with_weights=args.with_weights)})")
     return 0
 
 

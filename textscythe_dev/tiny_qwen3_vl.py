@@ -40,21 +40,29 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from textscythe_dev.tiny_qwen import (
+from textscythe_dev.tiny_common import (
     ENDOFTEXT,
     IM_END,
-    IM_START,
+    TEXT_SIZES,
+    build_chatml_tokenizer,
+    builder_argument_parser,
+    chatml_text_token_ids,
+    scale_fused_query_key,
+    serve_command,
+    write_checkpoint,
+)
+from textscythe_dev.tiny_qwen import (
     IMAGE_PAD,
+    QWEN_CONTROL_TOKENS,
     SPECIAL_TOKENS,
     VIDEO_PAD,
     VISION_END,
     VISION_START,
 )
-from textscythe_dev.word_tokenizer import build_word_tokenizer, im_chat_template, word_vocabulary
+from textscythe_dev.word_tokenizer import im_chat_template, word_vocabulary
 
 PATCH_SIZE = 16
 MERGE_SIZE = 2
@@ -87,12 +95,10 @@ def build_tiny_qwen3_vl_tokenizer():
     also spells the video timestamps ``<1.5 seconds>`` with known words."""
     from tokenizers.models import WordLevel
 
-    tokenizer = build_word_tokenizer(
+    tokenizer = build_chatml_tokenizer(
         SPECIAL_TOKENS,
         chat_template=CHAT_TEMPLATE,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        extra_special_tokens=[IM_START, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD],
+        extra_special_tokens=list(QWEN_CONTROL_TOKENS),
         model_max_length=MAX_POSITION_EMBEDDINGS,
     )
     # Extend the word-level model in place with the timestamp words (ordinary tokens: normalised, split by the
@@ -136,7 +142,7 @@ def build_tiny_qwen3_5_tokenizer():
     merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
     tokenizer = Qwen3_5Tokenizer(
         vocab=model["vocab"], merges=merges, unk_token=None, eos_token=IM_END, pad_token=ENDOFTEXT,
-        extra_special_tokens=[IM_START, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD],
+        extra_special_tokens=list(QWEN_CONTROL_TOKENS),
         model_max_length=MAX_POSITION_EMBEDDINGS, chat_template=CHAT_TEMPLATE,
     )
     for index, token in enumerate(SPECIAL_TOKENS):
@@ -169,19 +175,13 @@ def _text_common(vocab_size: int, dtype: str) -> dict:
     vocab = vocabulary()
     return dict(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        **TEXT_SIZES,
         head_dim=64,
         hidden_act="silu",
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         rms_norm_eps=1e-6,
         attention_bias=False,
-        bos_token_id=vocab[ENDOFTEXT],
-        eos_token_id=vocab[IM_END],
-        pad_token_id=vocab[ENDOFTEXT],
+        **chatml_text_token_ids(vocab),
         tie_word_embeddings=False,
         dtype=dtype,
     )
@@ -297,14 +297,12 @@ def sharpen_attention(model, text_scale: float = 4.0, vision_scale: float = 4.0)
                     norm.weight.copy_((1.0 + norm.weight) * text_scale - 1.0)
                 else:
                     norm.weight.mul_(text_scale)
-        for block in model.model.visual.blocks:
-            width = block.attn.qkv.out_features // 3
-            block.attn.qkv.weight[: 2 * width].mul_(vision_scale)
-            block.attn.qkv.bias[: 2 * width].mul_(vision_scale)
+    scale_fused_query_key((block.attn.qkv for block in model.model.visual.blocks), vision_scale)
 
 
-def _save_experts_in_hub_layout(file: Path) -> None:
-    """Rewrite fused MoE expert tensors in the layout of the published Qwen3-VL-MoE checkpoints.
+def _save_experts_in_hub_layout(path: Path) -> None:
+    """Rewrite the fused MoE expert tensors of ``path``'s ``model.safetensors`` in the layout of the published
+    Qwen3-VL-MoE checkpoints.
 
     transformers 5 keeps ``experts.gate_up_proj`` as [experts, 2 x intermediate, hidden] and ``experts.down_proj`` as
     [experts, hidden, intermediate] and saves them so; the Hub checkpoints store [experts, hidden, 2 x intermediate]
@@ -314,6 +312,7 @@ def _save_experts_in_hub_layout(file: Path) -> None:
     """
     from safetensors.torch import load_file, save_file
 
+    file = path / "model.safetensors"
     tensors = load_file(file)
     for name in tensors:
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
@@ -321,59 +320,34 @@ def _save_experts_in_hub_layout(file: Path) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def _write(path: Path, config, tokenizer, *, with_weights: bool, seed: int, kind: str, dtype: str) -> Path:
-    processor = build_processor(tokenizer)
-    for stale in path.glob("*.safetensors"):
-        stale.unlink()
-    if with_weights:
-        import torch
-        import transformers
-
-        model_class = getattr(transformers, config.architectures[0])
-        torch.manual_seed(seed)
-        model = model_class(config).eval()
-        sharpen_attention(model)
-        model.save_pretrained(path, safe_serialization=True, max_shard_size="10GB")
-        if "Moe" in config.architectures[0]:
-            _save_experts_in_hub_layout(path / "model.safetensors")
-    else:
-        config.save_pretrained(path)
-    processor.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(path / "textscythe_tiny_model.json", "w") as f:
-        json.dump({"kind": kind, "with_weights": with_weights, "seed": seed, "dtype": dtype}, f, indent=2)
-    return path
-
-
 def build_tiny_qwen3_vl(
     path: str | Path, *, moe: bool = False, with_weights: bool = False, seed: int = 0, dtype: str = "float32"
 ) -> Path:
     """Write a tiny Qwen3-VL (``moe``: Qwen3-VL-MoE) checkpoint directory to ``path`` and return it."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_qwen3_vl_tokenizer()
-    config = build_config(len(tokenizer), moe=moe, dtype=dtype)
-    kind = "qwen3-vl-moe" if moe else "qwen3-vl"
-    return _write(path, config, tokenizer, with_weights=with_weights, seed=seed, kind=kind, dtype=dtype)
+    return write_checkpoint(
+        path, kind="qwen3-vl-moe" if moe else "qwen3-vl", config=build_config(len(tokenizer), moe=moe, dtype=dtype),
+        tokenizer=tokenizer, processor=build_processor(tokenizer), with_weights=with_weights, seed=seed, dtype=dtype,
+        adjust_weights=sharpen_attention,
+        rewrite_saved_weights=_save_experts_in_hub_layout if moe else None,
+    )
 
 
 def build_tiny_qwen3_5(path: str | Path, *, with_weights: bool = False, seed: int = 0, dtype: str = "float32") -> Path:
     """Write a tiny Qwen3.5 (hybrid Gated-DeltaNet LLM) checkpoint directory to ``path`` and return it."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_qwen3_5_tokenizer()
-    config = build_qwen3_5_config(len(tokenizer), dtype)
-    return _write(path, config, tokenizer, with_weights=with_weights, seed=seed, kind="qwen3.5", dtype=dtype)
+    return write_checkpoint(
+        path, kind="qwen3.5", config=build_qwen3_5_config(len(tokenizer), dtype), tokenizer=tokenizer,
+        processor=build_processor(tokenizer), with_weights=with_weights, seed=seed, dtype=dtype,
+        adjust_weights=sharpen_attention,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m textscythe_dev.tiny_qwen3_vl")
-    parser.add_argument("path", type=Path)
+    parser = builder_argument_parser("tiny_qwen3_vl")
     family = parser.add_mutually_exclusive_group()
     family.add_argument("--moe", action="store_true", help="Qwen3-VL-MoE instead of dense Qwen3-VL")
     family.add_argument("--qwen3-5", action="store_true", help="Qwen3.5 (hybrid linear-attention LLM)")
-    parser.add_argument("--with-weights", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.qwen3_5:
         out = build_tiny_qwen3_5(args.path, with_weights=args.with_weights, seed=args.seed)
@@ -381,10 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = build_tiny_qwen3_vl(args.path, moe=args.moe, with_weights=args.with_weights, seed=args.seed)
         name = "Qwen3-VL-MoE" if args.moe else "Qwen3-VL"
-    load = "" if args.with_weights else " --load-format dummy"
-    if args.qwen3_5:
-        load += " --dtype bfloat16"
-    print(f"wrote tiny {name} to {out} (serve: vllm serve {out}{load} --enforce-eager)")
+    # vLLM's CPU Gated-DeltaNet kernel runs in bfloat16 only
+    flags = " --dtype bfloat16" if args.qwen3_5 else ""
+    print(f"wrote tiny {name} to {out} (serve: {serve_command(out, with_weights=args.with_weights, flags=flags)})")
     return 0
 
 
