@@ -6,26 +6,24 @@ saved weights -- requests without a budget identical token for token, with ident
 
 from __future__ import annotations
 
-import json
-
 import openai
 import pytest
 
 from textscythe_dev import tiny_gemma4
 from textscythe_dev.images import media_message as message
 from textscythe_dev.images import scene, video_data_url
+from textscythe_dev.offline import read_selection_log
 from textscythe_dev.server import (
     BAD_VALUES,
     Served,
     VLLMServer,
-    assert_image_drives_outputs,
+    assert_budget_prunes_each_item,
+    assert_no_budget_is_stock,
     assert_refused,
-    assert_same_outputs,
-    greedy_with_logprobs,
-    stock_outputs,
-    token_counters,
+    chat,
+    counted_visual_tokens,
+    prompt_tokens,
 )
-from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.processing import spread_budget
 
 pytestmark = pytest.mark.server
@@ -58,23 +56,11 @@ def clip():
     return video_url(2)
 
 
-def chat(client, model, messages, budget=None, max_tokens=3, **extra):
-    return server_chat(client, model, messages, budget, max_tokens, logprobs=True, **extra)
-
-
-def tokens(client, server, messages, budget=None, **extra) -> int:
-    return chat(client, server.model_name, messages, budget, **extra).usage.prompt_tokens
-
-
 def prompt_ids(client, server, messages, budget=None, **extra) -> list[int]:
-    response = chat(client, server.model_name, messages, budget, return_token_ids=True, **extra)
+    response = chat(client, server, messages, budget, return_token_ids=True, **extra)
     ids = response.model_extra["prompt_token_ids"]
     assert len(ids) == response.usage.prompt_tokens
     return ids
-
-
-def read_selections(path, start: int) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()[start:]] if path.exists() else []
 
 
 def frames_of(ids: list[int]) -> list[tuple[list[int], int]]:
@@ -93,13 +79,10 @@ def frames_of(ids: list[int]) -> list[tuple[list[int], int]]:
 
 @pytest.mark.parametrize("size", [WIDE, SQUARE])
 def test_image_budgets_change_prompt_tokens_exactly(client, server, size):
-    messages = [message(QUESTION, images=[scene(11, *size)])]
-    full, image_tokens = tokens(client, server, messages), IMAGE_TOKENS[size]
+    messages, image_tokens = [message(QUESTION, images=[scene(11, *size)])], IMAGE_TOKENS[size]
+    budgets = (1, 10, 63, image_tokens - 1, image_tokens, image_tokens + 1, 10_000)
+    full = assert_budget_prunes_each_item(client, server, messages, [image_tokens], budgets)
     assert 10 < full - image_tokens < 30
-    for budget in (1, 10, 63, image_tokens - 1):
-        assert tokens(client, server, messages, budget) == full - image_tokens + budget
-    for budget in (image_tokens, image_tokens + 1, 10_000):
-        assert tokens(client, server, messages, budget) == full
 
 
 def test_video_frames_keep_their_quota_and_timestamps(client, server, clip, selection_log):
@@ -110,27 +93,23 @@ def test_video_frames_keep_their_quota_and_timestamps(client, server, clip, sele
     timestamps = [text for text, _ in stock_frames]
     assert len(set(map(tuple, timestamps))) == NUM_FRAMES  # 00:00 .. 00:03
     for budget in (1, 10, 100, VIDEO_TOKENS - 1):
-        start = len(read_selections(selection_log, 0))
+        start = len(read_selection_log(selection_log))
         ids = prompt_ids(client, server, messages, budget, visual_token_selector="textscythe")
         assert len(ids) == len(full) - VIDEO_TOKENS + budget
         quotas = spread_budget(budget, [FRAME_TOKENS] * NUM_FRAMES)
         # every frame keeps its timestamp and markers, with its own quota of placeholders
         assert frames_of(ids) == [(text, quota) for text, quota in zip(timestamps, quotas, strict=True)]
-        (record,) = read_selections(selection_log, start)
+        (record,) = read_selection_log(selection_log)[start:]
         assert record["num_tokens"] == VIDEO_TOKENS and len(record["kept_positions"]) == budget
         per_frame = [sum(1 for p in record["kept_positions"] if frame * FRAME_TOKENS <= p < (frame + 1) * FRAME_TOKENS)
                      for frame in range(NUM_FRAMES)]
         assert per_frame == quotas  # each frame's rows chosen within it
-    assert tokens(client, server, messages, VIDEO_TOKENS) == len(full)
+    assert prompt_tokens(client, server, messages, VIDEO_TOKENS) == len(full)
 
 
 def test_two_images_and_a_video_in_one_request_budget_per_item(client, server, clip):
     messages = [message(QUESTION, images=[scene(21, *WIDE), scene(22, *SQUARE)], videos=[clip])]
-    counts = [70, 64, VIDEO_TOKENS]
-    full = tokens(client, server, messages)
-    for budget in (5, 50, 64, 100):
-        removed = sum(count - min(budget, count) for count in counts)
-        assert tokens(client, server, messages, budget) == full - removed
+    assert_budget_prunes_each_item(client, server, messages, [70, 64, VIDEO_TOKENS], (5, 50, 64, 100))
     assert server.alive()
 
 
@@ -143,20 +122,20 @@ def test_every_selector_serves_images_and_videos(client, server, clip):
     from textscythe_vllm.selectors import available_selectors
 
     messages = [message(QUESTION, images=[scene(7, *WIDE)], videos=[clip])]
-    full = tokens(client, server, messages)
     for selector in available_selectors():
-        response = chat(client, server.model_name, messages, 12, visual_token_selector=selector)
-        assert response.usage.prompt_tokens == full - (70 - 12) - (VIDEO_TOKENS - 12), selector
+        assert_budget_prunes_each_item(client, server, messages, [70, VIDEO_TOKENS], [12],
+                                       visual_token_selector=selector)
     assert server.alive()
 
 
 def test_request_max_soft_tokens_is_ignored(client, server):
     """Gemma 4's own per-request resolution never reaches the processor: the plugin keeps only its own keys."""
     messages = [message(QUESTION, images=[scene(12, *WIDE)])]
-    full = tokens(client, server, messages)
+    full = prompt_tokens(client, server, messages)
     for value in (140, 280):
-        assert tokens(client, server, messages, mm_processor_kwargs={"max_soft_tokens": value}) == full
-        assert tokens(client, server, messages, 10, mm_processor_kwargs={"max_soft_tokens": value}) == full - 60
+        assert prompt_tokens(client, server, messages, mm_processor_kwargs={"max_soft_tokens": value}) == full
+        assert prompt_tokens(client, server, messages, 10, mm_processor_kwargs={"max_soft_tokens": value}) == \
+            full - 60
 
 
 NO_BUDGET_CASES = {
@@ -167,30 +146,22 @@ NO_BUDGET_CASES = {
 
 
 def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_path_factory):
-    conversations = {name: build() for name, build in NO_BUDGET_CASES.items()}
-    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
-    theirs = stock_outputs(model_dir, SERVER_ARGS, conversations, tmp_path_factory.mktemp("logs") / "stock.log")
-    for name in conversations:
-        assert_same_outputs(ours[name], theirs[name])
-    # the tolerance is meaningful: another image (and another video) moves the outputs far more
-    assert_image_drives_outputs(ours["wide"], greedy_with_logprobs(
-        client, server.model_name, [message(QUESTION, images=[scene(55, *WIDE)])]))
-    assert_image_drives_outputs(ours["video"], greedy_with_logprobs(
-        client, server.model_name, [message(QUESTION, videos=[video_url(17)])]))
-    # the comparison can fail: a pruned request differs from the stock output
-    pruned = greedy_with_logprobs(client, server.model_name, conversations["wide"], visual_token_budget=16)
-    with pytest.raises(AssertionError):
-        assert_same_outputs(pruned, theirs["wide"])
+    # controls: another image (and another video) moves the outputs far more than the tolerance, and a pruned
+    # request differs from the stock output
+    assert_no_budget_is_stock(
+        client, server, model_dir, SERVER_ARGS, {name: build() for name, build in NO_BUDGET_CASES.items()},
+        tmp_path_factory.mktemp("logs") / "stock.log",
+        other_media={"wide": [message(QUESTION, images=[scene(55, *WIDE)])],
+                     "video": [message(QUESTION, videos=[video_url(17)])]},
+        pruned={"wide": 16},
+    )
 
 
 
 def test_metrics_count_image_and_video_tokens_before_and_after(client, server, clip):
-    before, after = token_counters(server)
-    chat(client, server.model_name, [message(QUESTION, images=[scene(61, *WIDE), scene(62, *SQUARE)],
-                                             videos=[clip])], 66)
-    new_before, new_after = token_counters(server)
-    assert new_before - before == 70 + 64 + VIDEO_TOKENS
-    assert new_after - after == 66 + 64 + 66
+    both = [message(QUESTION, images=[scene(61, *WIDE), scene(62, *SQUARE)], videos=[clip])]
+    counted = counted_visual_tokens(server, lambda: chat(client, server, both, 66))
+    assert counted == (70 + 64 + VIDEO_TOKENS, 66 + 64 + 66)
 
 
 def test_server_wide_max_soft_tokens_composes_with_budgets(model_dir, tmp_path_factory):
@@ -201,16 +172,11 @@ def test_server_wide_max_soft_tokens_composes_with_budgets(model_dir, tmp_path_f
     with VLLMServer(model_dir, args, log_path=log, served_model_name="tiny-gemma4-140") as wide:
         client = openai.OpenAI(base_url=f"{wide.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
         image = [message(QUESTION, images=[scene(71, *WIDE)])]
-        text = tokens(client, wide, [message(QUESTION)])
-        full = tokens(client, wide, image)
+        text = prompt_tokens(client, wide, [message(QUESTION)])
+        full = prompt_tokens(client, wide, image)
         image_tokens = full - text - 2  # <|image> and <image|> around the soft tokens
         assert image_tokens == 126  # 480 x 336 px at 140: resized to 672 x 432 px, 14 x 9 soft tokens
-        for budget in (10, 70, image_tokens - 1):
-            assert tokens(client, wide, image, budget) == full - image_tokens + budget
-        assert tokens(client, wide, image, 500) == full
+        assert_budget_prunes_each_item(client, wide, image, [image_tokens], (10, 70, image_tokens - 1, 500))
         video = [message(QUESTION, videos=[video_url(3)])]
-        assert tokens(client, wide, video) - tokens(client, wide, video, 10) == VIDEO_TOKENS - 10
-        before, after = token_counters(wide)
-        chat(client, wide.model_name, image, 30)
-        new_before, new_after = token_counters(wide)
-        assert (new_before - before, new_after - after) == (126, 30)
+        assert prompt_tokens(client, wide, video) - prompt_tokens(client, wide, video, 10) == VIDEO_TOKENS - 10
+        assert counted_visual_tokens(wide, lambda: chat(client, wide, image, 30)) == (126, 30)

@@ -8,24 +8,21 @@ format (``InternVLChatModel``)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from textscythe_dev import tiny_internvl
 from textscythe_dev.images import media_message as message
 from textscythe_dev.images import scene, video_data_url
+from textscythe_dev.offline import read_selection_log
 from textscythe_dev.server import (
     BAD_VALUES,
     Served,
-    assert_image_drives_outputs,
+    assert_budget_prunes_each_item,
+    assert_no_budget_is_stock,
     assert_refused,
-    assert_same_outputs,
-    greedy_with_logprobs,
-    stock_outputs,
-    token_counters,
+    counted_visual_tokens,
+    prompt_tokens,
 )
-from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.processing import spread_budget
 from textscythe_vllm.selectors import available_selectors
 
@@ -53,10 +50,6 @@ def video_url(seed: int) -> str:
     return video_data_url(seed, num_frames=FRAMES, width=112, height=112)
 
 
-def tokens(client, server, messages, budget=None, **extra) -> int:
-    return server_chat(client, server, messages, budget, max_tokens=2, **extra).usage.prompt_tokens
-
-
 def image_tokens(image) -> int:
     """Visual tokens of one image according to transformers' InternVL processor (independent of vLLM)."""
     processor = tiny_internvl.build_processor(tiny_internvl.build_tokenizer())
@@ -64,35 +57,24 @@ def image_tokens(image) -> int:
     return int((ids == tiny_internvl.vocabulary()["<IMG_CONTEXT>"]).sum())
 
 
-def read_selections(path, start: int = 0) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()[start:]] if path.exists() else []
-
-
 @pytest.mark.parametrize("name", list(SIZES))
 def test_image_budget_counts_tiles_and_thumbnail(client, server, name):
     image = scene(11, *SIZES[name])
-    messages = [message(QUESTION, images=[image])]
-    full = tokens(client, server, messages)
     count = image_tokens(image)
     assert count == {"one-tile": 1, "wide": 3, "large": 7}[name] * TOKENS
-    text = full - count
-    assert 10 < text < 30  # transformers' count is the one vLLM serves without a budget
-    for budget in (1, 5, TOKENS, count - 1):
-        assert tokens(client, server, messages, budget) == text + budget
-    for budget in (count, 100_000):
-        assert tokens(client, server, messages, budget) == full
+    full = assert_budget_prunes_each_item(client, server, [message(QUESTION, images=[image])], [count],
+                                          (1, 5, TOKENS, count - 1, count, 100_000))
+    assert 10 < full - count < 30  # transformers' count is the one vLLM serves without a budget
 
 
 def test_video_budget_is_spread_over_frames(client, server, selection_log):
     messages = [message(QUESTION, videos=[video_url(3)])]
-    full = tokens(client, server, messages)
-    start = len(read_selections(selection_log))
+    start = len(read_selection_log(selection_log))
     budgets = (1, 5, 30, VIDEO_TOKENS - 1)
-    for budget in budgets:
-        assert tokens(client, server, messages, budget, visual_token_selector="cls_attention") == \
-            full - VIDEO_TOKENS + budget
-    assert tokens(client, server, messages, VIDEO_TOKENS) == full
-    records = read_selections(selection_log, start)
+    full = assert_budget_prunes_each_item(client, server, messages, [VIDEO_TOKENS], budgets,
+                                          visual_token_selector="cls_attention")
+    assert prompt_tokens(client, server, messages, VIDEO_TOKENS) == full
+    records = read_selection_log(selection_log)[start:]
     assert [record["budget"] for record in records] == list(budgets)
     for record in records:  # each frame keeps its quota, chosen within the frame
         per_frame = [sum(1 for p in record["kept_positions"] if f * TOKENS <= p < (f + 1) * TOKENS)
@@ -106,18 +88,14 @@ def test_two_images_and_a_video_budget_per_item(client, server):
     wide, large = scene(21, *SIZES["wide"]), scene(22, *SIZES["large"])
     counts = [image_tokens(wide), image_tokens(large), VIDEO_TOKENS]
     messages = [message(QUESTION, images=[wide, large], videos=[video_url(4)])]
-    full = tokens(client, server, messages)
-    for budget in (3, 16, 50, 100):
-        removed = sum(count - min(budget, count) for count in counts)
-        assert tokens(client, server, messages, budget) == full - removed
+    assert_budget_prunes_each_item(client, server, messages, counts, (3, 16, 50, 100))
 
 
 @pytest.mark.parametrize("selector", available_selectors())
 def test_every_selector(client, server, selector):
     counts = [image_tokens(scene(23, *SIZES["large"])), VIDEO_TOKENS]
     messages = [message(QUESTION, images=[scene(23, *SIZES["large"])], videos=[video_url(5)])]
-    full = tokens(client, server, messages)
-    assert tokens(client, server, messages, 20, visual_token_selector=selector) == full - sum(counts) + 2 * 20
+    assert_budget_prunes_each_item(client, server, messages, counts, [20], visual_token_selector=selector)
     assert server.alive()
 
 
@@ -136,29 +114,19 @@ NO_BUDGET_CASES = {
 
 
 def test_no_budget_is_stock_vllm_token_for_token(request, client, server, model_dir, tmp_path_factory):
-    conversations = {name: build() for name, build in NO_BUDGET_CASES.items()}
-    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
-    theirs = stock_outputs(model_dir, request.module.SERVED.args, conversations,
-                           tmp_path_factory.mktemp("logs") / "stock.log")
-    for name in conversations:
-        assert_same_outputs(ours[name], theirs[name])
-    # the tolerance is meaningful: another image (and another video) moves the outputs far more
-    assert_image_drives_outputs(ours["large"], greedy_with_logprobs(
-        client, server.model_name, [message(QUESTION, images=[scene(55, *SIZES["large"])])]))
-    assert_image_drives_outputs(ours["video"], greedy_with_logprobs(
-        client, server.model_name, [message(QUESTION, videos=[video_url(17)])]))
-    # the comparison can fail: a pruned request differs from the stock output
-    pruned = greedy_with_logprobs(client, server.model_name, conversations["large"], visual_token_budget=16)
-    with pytest.raises(AssertionError):
-        assert_same_outputs(pruned, theirs["large"])
-
+    # controls: another image (and another video) moves the outputs far more than the tolerance, and a pruned
+    # request differs from the stock output
+    assert_no_budget_is_stock(
+        client, server, model_dir, request.module.SERVED.args,
+        {name: build() for name, build in NO_BUDGET_CASES.items()}, tmp_path_factory.mktemp("logs") / "stock.log",
+        other_media={"large": [message(QUESTION, images=[scene(55, *SIZES["large"])])],
+                     "video": [message(QUESTION, videos=[video_url(17)])]},
+        pruned={"large": 16},
+    )
 
 
 def test_metrics_count_image_and_video_tokens_before_and_after(client, server):
     image = scene(61, *SIZES["large"])
-    counts = [image_tokens(image), VIDEO_TOKENS]
-    before, after = token_counters(server)
-    tokens(client, server, [message(QUESTION, images=[image], videos=[video_url(9)])], 30)
-    new_before, new_after = token_counters(server)
-    assert new_before - before == sum(counts)
-    assert new_after - after == 2 * 30
+    both = [message(QUESTION, images=[image], videos=[video_url(9)])]
+    counted = counted_visual_tokens(server, lambda: prompt_tokens(client, server, both, 30))
+    assert counted == (image_tokens(image) + VIDEO_TOKENS, 2 * 30)

@@ -7,9 +7,9 @@ One tiny LLaVA-1.5 checkpoint with real (random, seeded) float32 weights is run 
   pruned rows inside the worker;
 * stock vLLM (``VLLM_PLUGINS=``, same runner) on the cases without a budget;
 * transformers, in this process: image features and the CLIP [CLS] attention from the HF model, the
-  instruction ids from the tokenizer (rule written here, independently of ``textscythe_vllm.processing``),
-  the selection from ``get_selector(...).select``, and greedy decoding from ``inputs_embeds`` of the pruned
-  prompt.
+  instruction ids from the tokenizer (rule written in ``textscythe_dev.reference``, independently of
+  ``textscythe_vllm.processing``), the selection from ``get_selector(...).select``, and greedy decoding from
+  ``inputs_embeds`` of the pruned prompt.
 
 Compared: greedy tokens (identical), each generated token's log-probability (close), the pruned prompt's
 token ids (identical), the positions the worker kept for every pruned image and its instruction length
@@ -32,8 +32,13 @@ import pytest
 import torch
 
 from textscythe_dev.images import scene
-from textscythe_dev.offline import finish_runner, read_selection_log, start_runner, stop_runner
-from textscythe_vllm.pruning import SELECTION_LOG_ENV
+from textscythe_dev.offline import Case, OfflineRun, assert_same_generation, runner_request
+from textscythe_dev.reference import (
+    eager_checkpoint,
+    greedy_decode,
+    largest_difference,
+    user_message_instructions,
+)
 from textscythe_vllm.selectors import get_selector
 
 pytestmark = pytest.mark.server
@@ -60,20 +65,6 @@ PROMPTS: dict[str, tuple[str, tuple[int, ...]]] = {
         (14, 15),
     ),
 }
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    prompt: str  # key of PROMPTS
-    budget: int | None = None  # None: no mm_processor_kwargs at all
-    selector: str = "textscythe"
-
-    @property
-    def mm_processor_kwargs(self) -> dict[str, Any] | None:
-        if self.budget is None:
-            return None
-        return {"visual_token_budget": self.budget, "visual_token_selector": self.selector}
 
 
 def _budget_cases() -> list[Case]:
@@ -119,13 +110,10 @@ class Reference:
 
 class HFReference:
     def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import LlavaForConditionalGeneration
 
-        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.processor, self.model = eager_checkpoint(LlavaForConditionalGeneration, model_dir)
         self.tokenizer = self.processor.tokenizer
-        self.model = LlavaForConditionalGeneration.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
         self.image_id = self.tokenizer.convert_tokens_to_ids("<image>")
         # LLaVA-1.5's generation prompt; the checkpoint's chat template must end an open turn with it.
         self.marker = self.tokenizer.encode("ASSISTANT:", add_special_tokens=False)
@@ -157,19 +145,8 @@ class HFReference:
 
     def instructions(self, ids: list[int]) -> list[list[int]]:
         """Per image token: the ids of its user message -- after the last "USER:" before it, up to the first
-        "ASSISTANT:" after it -- minus special/image ids (LLaVA-1.5's template, written out here)."""
-        width, opener = len(self.marker), self.user_opener
-        result = []
-        for position in (i for i, token in enumerate(ids) if token == self.image_id):
-            start = max(
-                (i + len(opener) for i in range(position - len(opener) + 1) if ids[i:i + len(opener)] == opener),
-                default=0,
-            )
-            end = next(
-                (i for i in range(position + 1, len(ids) - width + 1) if ids[i:i + width] == self.marker), len(ids)
-            )
-            result.append([token for token in ids[start:end] if token not in self.excluded])
-        return result
+        "ASSISTANT:" after it -- minus special/image ids (LLaVA-1.5's template)."""
+        return user_message_instructions(ids, self.user_opener, self.marker, {self.image_id}, self.excluded)
 
     @torch.no_grad()
     def embed(self, ids: list[int]) -> torch.Tensor:
@@ -202,14 +179,12 @@ class HFReference:
             indices.append(kept)
             image += 1
         embeds = torch.cat(pieces)
-        tokens, logprobs, first_logits = [], [], None
-        for _ in range(MAX_TOKENS):  # greedy, no KV cache: recompute the whole sequence each step
-            logits = self.model(inputs_embeds=embeds[None], use_cache=False).logits[0, -1].float()
-            first_logits = logits if first_logits is None else first_logits
-            token = int(torch.argmax(logits))
-            tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
-            embeds = torch.cat([embeds, table(torch.tensor([token]))])
+
+        def next_logits(generated: list[int]) -> torch.Tensor:
+            sequence = torch.cat([embeds, table(torch.tensor(generated, dtype=torch.long))])
+            return self.model(inputs_embeds=sequence[None], use_cache=False).logits[0, -1]
+
+        tokens, logprobs, first_logits = greedy_decode(next_logits, MAX_TOKENS)
         return Reference(expanded, tokens, logprobs, first_logits, indices, instructions)
 
 
@@ -220,10 +195,7 @@ class HFReference:
 
 def request_spec(case: Case) -> dict[str, Any]:
     text, seeds = PROMPTS[case.prompt]
-    return {
-        "id": case.id, "prompt": text, "images": [{"seed": seed} for seed in seeds],
-        "mm_processor_kwargs": case.mm_processor_kwargs, "max_tokens": MAX_TOKENS,
-    }
+    return runner_request(case, text, [{"kind": "image", "seed": seed} for seed in seeds], MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -247,20 +219,21 @@ def vllm_processes(tiny_llava_weights_dir: Path, probe_spec, tmp_path_factory):
     """Start both engines at once, one core each (the plugin run, and stock vLLM on the unpruned cases)."""
     workdir = tmp_path_factory.mktemp("equivalence")
     runs = {
-        "plugin": start_runner(
+        # every selection the plugin's worker makes (engine and probe), one JSON record per pruned image
+        "plugin": OfflineRun(
             tiny_llava_weights_dir, workdir, "plugin", [request_spec(case) for case in CASES],
             {"VLLM_PLUGINS": "textscythe", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-             "VLLM_CPU_OMP_THREADS_BIND": "0", SELECTION_LOG_ENV: str(workdir / "plugin-selections.jsonl")},
-            probe=probe_spec,
+             "VLLM_CPU_OMP_THREADS_BIND": "0"},
+            log_selections=True, probe=probe_spec,
         ),
-        "stock": start_runner(
+        "stock": OfflineRun(
             tiny_llava_weights_dir, workdir, "stock", [request_spec(case) for case in UNPRUNED_CASES],
             {"VLLM_PLUGINS": "", "VLLM_CPU_OMP_THREADS_BIND": str(min(1, (os.cpu_count() or 1) - 1))},
         ),
     }
-    yield runs, time.monotonic() + RUN_TIMEOUT_S, workdir
-    for process, _, _ in runs.values():
-        stop_runner(process)
+    yield runs, time.monotonic() + RUN_TIMEOUT_S
+    for run in runs.values():
+        run.stop()
 
 
 @pytest.fixture(scope="module")
@@ -271,20 +244,10 @@ def references(hf: HFReference, vllm_processes) -> dict[str, Reference]:
 
 @pytest.fixture(scope="module")
 def vllm_runs(vllm_processes) -> dict[str, dict[str, Any]]:
-    """{"plugin": ..., "stock": ...}: per run, "batch" and "solo" entries keyed by case id, "probe", "timings"."""
-    processes, deadline, workdir = vllm_processes
-    runs: dict[str, dict[str, Any]] = {}
-    for name, (process, output, log_path) in processes.items():
-        results = finish_runner(process, output, log_path, deadline)
-        runs[name] = {
-            "batch": {entry["id"]: entry for entry in results["batch"]},
-            "solo": {entry["id"]: entry for entry in results["solo"]},
-            "probe": results.get("probe", []),
-            "timings": results["timings"],
-        }
-    # every selection the plugin's worker made (engine and probe), one JSON record per pruned image
-    runs["plugin"]["selections"] = read_selection_log(workdir / "plugin-selections.jsonl")
-    return runs
+    """{"plugin": ..., "stock": ...}: per run, "batch" and "solo" entries keyed by case id, "probe", "timings";
+    the plugin's "selections"."""
+    runs, deadline = vllm_processes
+    return {name: run.results(deadline) for name, run in runs.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,9 +283,7 @@ def test_hf_reference_matches_hf_own_forward(hf: HFReference, references):
 @pytest.mark.parametrize("case_id", [case.id for case in UNPRUNED_CASES])
 def test_no_budget_is_stock_vllm(vllm_runs, case_id):
     for mode in ("solo", "batch"):
-        plugin, stock = vllm_runs["plugin"][mode][case_id], vllm_runs["stock"][mode][case_id]
-        assert plugin["prompt_token_ids"] == stock["prompt_token_ids"], mode
-        assert plugin["token_ids"] == stock["token_ids"], mode
+        assert_same_generation(vllm_runs["plugin"][mode][case_id], vllm_runs["stock"][mode][case_id], mode)
     # same engine code, same batch (a single request): bit-identical log-probabilities
     assert vllm_runs["plugin"]["solo"][case_id]["logprobs"] == vllm_runs["stock"]["solo"][case_id]["logprobs"]
 
@@ -336,17 +297,12 @@ def test_vllm_matches_hf_reference(vllm_runs, references, case_id):
     assert [len(indices) for indices in reference.indices] == [kept] * len(PROMPTS[case.prompt][1])
     assert got["prompt_token_ids"] == reference.prompt_token_ids
     assert got["token_ids"] == reference.token_ids
-    torch.testing.assert_close(
-        torch.tensor(got["logprobs"], dtype=torch.float64), torch.tensor(reference.logprobs, dtype=torch.float64),
-        atol=LOGPROB_ATOL, rtol=0,
-    )
+    assert largest_difference(got["logprobs"], reference.logprobs) <= LOGPROB_ATOL
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_batch_with_mixed_budgets_equals_solo(vllm_runs, case_id):
-    batch, solo = vllm_runs["plugin"]["batch"][case_id], vllm_runs["plugin"]["solo"][case_id]
-    assert batch["prompt_token_ids"] == solo["prompt_token_ids"]
-    assert batch["token_ids"] == solo["token_ids"]
+    assert_same_generation(vllm_runs["plugin"]["batch"][case_id], vllm_runs["plugin"]["solo"][case_id])
 
 
 def test_budget_at_or_above_n_is_unpruned(vllm_runs):
@@ -370,7 +326,7 @@ def test_comparisons_can_tell_selections_apart(hf: HFReference, references, vllm
                            ("two-textscythe-64", "cls_attention")):
         wrong = hf.reference(BY_ID[case_id], selector=other).logprobs
         got = vllm_runs["plugin"]["solo"][case_id]["logprobs"]
-        assert max(abs(a - b) for a, b in zip(got, wrong, strict=True)) > 10 * LOGPROB_ATOL, (case_id, other)
+        assert largest_difference(got, wrong) > 10 * LOGPROB_ATOL, (case_id, other)
 
 
 def test_engine_kept_positions_match_hf(hf: HFReference, vllm_runs, references, probe_spec):

@@ -8,11 +8,9 @@ import pytest
 from textscythe_dev.images import scene, user_message
 from textscythe_dev.server import (
     Served,
-    assert_image_drives_outputs,
-    assert_same_outputs,
-    chat,
-    greedy_with_logprobs,
-    stock_outputs,
+    assert_budget_prunes_each_item,
+    assert_no_budget_is_stock,
+    prompt_tokens,
 )
 
 pytestmark = pytest.mark.server
@@ -31,10 +29,6 @@ def model_dir(tmp_path_factory):
 SERVED = Served("model_dir", tuple(SERVER_ARGS), name="tiny-llava-next")
 
 
-def prompt_tokens(client, server, messages, budget=None, **extra):
-    return chat(client, server, messages, budget, max_tokens=2, **extra).usage.prompt_tokens
-
-
 def text_only_tokens(client, server) -> int:
     return prompt_tokens(client, server, [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}])
 
@@ -42,14 +36,10 @@ def text_only_tokens(client, server) -> int:
 @pytest.mark.parametrize("size", [(336, 336), (672, 336), (672, 672)])
 def test_budget_counts_the_whole_anyres_image(client, server, size):
     messages = [user_message(QUESTION, scene(11, *size))]
-    full = prompt_tokens(client, server, messages)
-    image_tokens = full - text_only_tokens(client, server)
+    image_tokens = prompt_tokens(client, server, messages) - text_only_tokens(client, server)
     assert image_tokens > 576  # base view + tiles + newline rows
-    for budget in (1, 64, 320):
-        assert prompt_tokens(client, server, messages, budget) == full - image_tokens + budget
-    assert prompt_tokens(client, server, messages, image_tokens) == full
-    assert prompt_tokens(client, server, messages, 320, visual_token_selector="visionzip") == \
-        full - image_tokens + 320
+    assert_budget_prunes_each_item(client, server, messages, [image_tokens], (1, 64, 320, image_tokens))
+    assert_budget_prunes_each_item(client, server, messages, [image_tokens], [320], visual_token_selector="visionzip")
 
 
 def test_high_resolution_image_reaches_llava_next_scale(client, server):
@@ -72,17 +62,11 @@ def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_
         "wide": [user_message(QUESTION, scene(22, 672, 336))],
         "large": [user_message(QUESTION, scene(23, 672, 672))],
     }
-    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
-    theirs = stock_outputs(model_dir, SERVER_ARGS, conversations,
-                           tmp_path_factory.mktemp("logs") / "stock-next.log")
-    for name in conversations:
-        assert_same_outputs(ours[name], theirs[name])
-    # the tolerance is meaningful: another picture of the same size moves the outputs far more
-    other = greedy_with_logprobs(client, server.model_name, [user_message(QUESTION, scene(24, 672, 672))])
-    assert_image_drives_outputs(ours["large"], other)
-    pruned = greedy_with_logprobs(client, server.model_name, conversations["large"], visual_token_budget=64)
-    with pytest.raises(AssertionError):  # the comparison can fail
-        assert_same_outputs(pruned, theirs["large"])
+    # controls: another picture of the same size moves the outputs far more than the tolerance, and a pruned
+    # request differs from the stock output
+    assert_no_budget_is_stock(client, server, model_dir, SERVER_ARGS, conversations,
+                              tmp_path_factory.mktemp("logs") / "stock-next.log",
+                              other_media={"large": [user_message(QUESTION, scene(24, 672, 672))]}, pruned={"large": 64})
 
 
 def test_explanation_lays_out_base_view_tiles_and_newlines(client, server):

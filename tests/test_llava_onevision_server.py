@@ -6,25 +6,22 @@ saved weights -- requests without a budget identical token for token, with ident
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from textscythe_dev import tiny_onevision
 from textscythe_dev.images import media_message as message
 from textscythe_dev.images import scene, video_data_url
+from textscythe_dev.offline import read_selection_log
 from textscythe_dev.server import (
     BAD_VALUES,
     Served,
-    assert_image_drives_outputs,
+    assert_budget_prunes_each_item,
+    assert_no_budget_is_stock,
     assert_refused,
-    assert_same_outputs,
-    greedy_with_logprobs,
-    stock_outputs,
-    token_counters,
+    chat,
+    counted_visual_tokens,
 )
-from textscythe_dev.server import chat as server_chat
 
 pytestmark = pytest.mark.server
 
@@ -55,45 +52,25 @@ def hf_processor(model_dir):
 SERVED = Served("model_dir", tuple(SERVER_ARGS), name="tiny-onevision", env_fixture="selection_env", timeout=300)
 
 
-def chat(client, model, messages, budget=None, max_tokens=3, **extra):
-    return server_chat(client, model, messages, budget, max_tokens, logprobs=True, **extra)
-
-
-def tokens(client, server, messages, budget=None, **extra) -> int:
-    return chat(client, server.model_name, messages, budget, **extra).usage.prompt_tokens
-
-
 def hf_image_tokens(hf_processor, image) -> int:
     """Visual tokens of one image according to the HF processor (independent of vLLM)."""
     ids = hf_processor(text="<image>", images=[image], return_tensors="pt")["input_ids"]
     return int((ids == tiny_onevision.vocabulary()["<image>"]).sum())
 
 
-def read_selections(path, start: int) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()[start:]] if path.exists() else []
-
-
 @pytest.mark.parametrize("name", list(SIZES))
 def test_image_budgets_change_prompt_tokens_exactly(client, server, hf_processor, name):
     image = scene(11, *SIZES[name])
-    messages = [message(QUESTION, images=[image])]
-    full = tokens(client, server, messages)
     image_tokens = hf_image_tokens(hf_processor, image)
-    text_tokens = full - image_tokens
-    assert 10 < text_tokens < 30  # the HF processor's count is the one vLLM serves without a budget
-    for budget in (1, 64, 729, image_tokens - 1):
-        assert tokens(client, server, messages, budget) == text_tokens + budget
-    for budget in (image_tokens, 100_000):
-        assert tokens(client, server, messages, budget) == full
+    full = assert_budget_prunes_each_item(client, server, [message(QUESTION, images=[image])], [image_tokens],
+                                          (1, 64, 729, image_tokens - 1, image_tokens, 100_000))
+    assert 10 < full - image_tokens < 30  # the HF processor's count is the one vLLM serves without a budget
 
 
 def test_video_budget_counts_the_whole_video(client, server):
-    messages = [message(QUESTION, videos=[video_url(3)])]
-    full = tokens(client, server, messages)
     video_tokens = 4 * tiny_onevision.TOKENS_PER_FRAME + 1  # 4 pooled frames + the newline row
-    for budget in (1, 100, 300, video_tokens - 1):
-        assert tokens(client, server, messages, budget) == full - video_tokens + budget
-    assert tokens(client, server, messages, video_tokens) == full
+    assert_budget_prunes_each_item(client, server, [message(QUESTION, videos=[video_url(3)])], [video_tokens],
+                                   (1, 100, 300, video_tokens - 1, video_tokens))
 
 
 def test_images_and_videos_in_one_request_budget_per_item(client, server, hf_processor):
@@ -101,12 +78,9 @@ def test_images_and_videos_in_one_request_budget_per_item(client, server, hf_pro
     counts = [hf_image_tokens(hf_processor, small), hf_image_tokens(hf_processor, large),
               4 * tiny_onevision.TOKENS_PER_FRAME + 1]
     messages = [message(QUESTION, images=[small, large], videos=[video_url(4)])]
-    full = tokens(client, server, messages)
-    for budget in (16, 800, 2000):
-        removed = sum(count - min(budget, count) for count in counts)
-        assert tokens(client, server, messages, budget) == full - removed
+    assert_budget_prunes_each_item(client, server, messages, counts, (16, 800, 2000))
     for selector in ("textscythe", "cls_attention", "divprune", "visionzip", "uniform"):
-        assert tokens(client, server, messages, 32, visual_token_selector=selector) == full - sum(counts) + 3 * 32
+        assert_budget_prunes_each_item(client, server, messages, counts, [32], visual_token_selector=selector)
     assert server.alive()
 
 
@@ -116,17 +90,16 @@ def test_newline_rows_are_never_kept(client, server, hf_processor, selection_log
     from textscythe_vllm.models.llava_onevision import image_layout
 
     config = tiny_onevision.build_config(len(tiny_onevision.vocabulary()))
-    start = len(read_selections(selection_log, 0))
+    start = len(read_selection_log(selection_log))
     image = scene(31, *SIZES["wide"])
     processed = hf_processor(text="<image>", images=[image], return_tensors="pt")
     _, is_content = image_layout(SimpleNamespace(config=config), processed["image_sizes"][0],
                                  torch.zeros(processed["pixel_values"].shape[1], tiny_onevision.TOKENS_PER_VIEW))
     content = int(is_content.sum())
     for budget in (200, content):  # up to every content row: still no newline row
-        chat(client, server.model_name, [message(QUESTION, images=[image])], budget,
-             visual_token_selector="cls_attention")
-    chat(client, server.model_name, [message(QUESTION, videos=[video_url(5)])], 4 * tiny_onevision.TOKENS_PER_FRAME)
-    records = read_selections(selection_log, start)
+        chat(client, server, [message(QUESTION, images=[image])], budget, visual_token_selector="cls_attention")
+    chat(client, server, [message(QUESTION, videos=[video_url(5)])], 4 * tiny_onevision.TOKENS_PER_FRAME)
+    records = read_selection_log(selection_log)[start:]
     assert [record["budget"] for record in records] == [200, content, 4 * tiny_onevision.TOKENS_PER_FRAME]
     newline_positions = set((~is_content).nonzero().squeeze(1).tolist())
     assert len(newline_positions) > 10
@@ -152,28 +125,19 @@ NO_BUDGET_CASES = {
 
 
 def test_no_budget_is_stock_vllm_token_for_token(client, server, model_dir, tmp_path_factory):
-    conversations = {name: build() for name, build in NO_BUDGET_CASES.items()}
-    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
-    theirs = stock_outputs(model_dir, SERVER_ARGS, conversations, tmp_path_factory.mktemp("logs") / "stock.log")
-    for name in conversations:
-        assert_same_outputs(ours[name], theirs[name])
-    # the tolerance is meaningful: another image (and another video) moves the outputs far more
-    assert_image_drives_outputs(ours["large"], greedy_with_logprobs(
-        client, server.model_name, [message(QUESTION, images=[scene(55, *SIZES["large"])])]))
-    assert_image_drives_outputs(ours["video"], greedy_with_logprobs(
-        client, server.model_name, [message(QUESTION, videos=[video_url(17)])]))
-    # the comparison can fail: a pruned request differs from the stock output
-    pruned = greedy_with_logprobs(client, server.model_name, conversations["large"], visual_token_budget=16)
-    with pytest.raises(AssertionError):
-        assert_same_outputs(pruned, theirs["large"])
-
+    # controls: another image (and another video) moves the outputs far more than the tolerance, and a pruned
+    # request differs from the stock output
+    assert_no_budget_is_stock(
+        client, server, model_dir, SERVER_ARGS, {name: build() for name, build in NO_BUDGET_CASES.items()},
+        tmp_path_factory.mktemp("logs") / "stock.log",
+        other_media={"large": [message(QUESTION, images=[scene(55, *SIZES["large"])])],
+                     "video": [message(QUESTION, videos=[video_url(17)])]},
+        pruned={"large": 16},
+    )
 
 
 def test_metrics_count_image_and_video_tokens_before_and_after(client, server, hf_processor):
     image = scene(61, *SIZES["wide"])
-    counts = [hf_image_tokens(hf_processor, image), 4 * tiny_onevision.TOKENS_PER_FRAME + 1]
-    before, after = token_counters(server)
-    chat(client, server.model_name, [message(QUESTION, images=[image], videos=[video_url(9)])], 100)
-    new_before, new_after = token_counters(server)
-    assert new_before - before == sum(counts)
-    assert new_after - after == 2 * 100
+    both = [message(QUESTION, images=[image], videos=[video_url(9)])]
+    counted = counted_visual_tokens(server, lambda: chat(client, server, both, 100))
+    assert counted == (hf_image_tokens(hf_processor, image) + 4 * tiny_onevision.TOKENS_PER_FRAME + 1, 2 * 100)

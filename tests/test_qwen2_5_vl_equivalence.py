@@ -9,10 +9,10 @@ One tiny Qwen2.5-VL checkpoint with random, seeded float32 weights (``textscythe
 * stock vLLM (``VLLM_PLUGINS=``, same runner and options) on the cases without a budget;
 * transformers, here: the vision features and the attention the selectors read, computed by the HF model
   (eager attention weights of the last full-attention block, captured from HF's own attention function); the
-  instruction ids (rule written here); the selection (``get_selector(...).select``); and greedy decoding from
-  ``inputs_embeds`` of the pruned prompt with explicit 3-D ``position_ids``: every kept row at its ORIGINAL
-  ``(t, h, w)`` position, every text token at its position in the unpruned prompt (:func:`original_positions`,
-  the Qwen2.5-VL rule as stock vLLM implements it).
+  instruction ids (rule written in ``textscythe_dev.reference``); the selection (``get_selector(...).select``);
+  and greedy decoding from ``inputs_embeds`` of the pruned prompt with explicit 3-D ``position_ids``: every kept
+  row at its ORIGINAL ``(t, h, w)`` position, every text token at its position in the unpruned prompt
+  (:func:`original_positions`, the Qwen2.5-VL rule as stock vLLM implements it).
 
 Compared: greedy tokens (identical) and log-probabilities (close) of vLLM vs the reference; the pruned prompt
 ids; the positions the engine kept for every pruned item (``$TEXTSCYTHE_SELECTION_LOG``) vs the reference's;
@@ -33,9 +33,14 @@ import pytest
 import torch
 
 from textscythe_dev.images import scene
-from textscythe_dev.offline import finish_runner, read_selection_log, start_runner, stop_runner
-from textscythe_dev.reference import user_message_instructions
-from textscythe_vllm.pruning import SELECTION_LOG_ENV
+from textscythe_dev.offline import Case, OfflineRun, assert_same_generation, runner_request
+from textscythe_dev.reference import (
+    attention_weights_of,
+    chatml_instructions,
+    eager_checkpoint,
+    greedy_decode,
+    largest_difference,
+)
 from textscythe_vllm.selectors import get_selector
 
 pytestmark = pytest.mark.server
@@ -67,20 +72,6 @@ PROMPTS: dict[str, tuple[str, tuple[dict[str, Any], ...]]] = {
         (VIDEO, IMAGE_TALL),
     ),
 }
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    prompt: str
-    budget: int | None = None
-    selector: str = "textscythe"
-
-    @property
-    def mm_processor_kwargs(self) -> dict[str, Any] | None:
-        if self.budget is None:
-            return None
-        return {"visual_token_budget": self.budget, "visual_token_selector": self.selector}
 
 
 UNPRUNED_CASES = [Case(f"{name}-full", name) for name in PROMPTS]
@@ -151,19 +142,13 @@ class Reference:
 
 class HFReference:
     def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
-        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.processor, self.model = eager_checkpoint(Qwen2_5_VLForConditionalGeneration, model_dir)
         self.tokenizer = self.processor.tokenizer
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
         config = self.model.config
         self.image_id, self.video_id = config.image_token_id, config.video_token_id
         self.merge = config.vision_config.spatial_merge_size
-        self.user_opener = self.tokenizer.encode("<|im_start|>user", add_special_tokens=False)
-        self.turn_end = self.tokenizer.encode("<|im_end|>", add_special_tokens=False)
-        self.excluded = set(self.tokenizer.all_special_ids) | {self.image_id, self.video_id}
         self._media: dict[str, Media] = {}
 
     # -- vision ----------------------------------------------------------------------------------------
@@ -197,20 +182,9 @@ class HFReference:
             pixel_values, grid_thw, t_factor = self.pixel_inputs(spec)
             visual = self.model.model.visual
             target = visual.blocks[max(visual.fullatt_block_indexes)].attn
-            original = modeling_qwen2_5_vl.eager_attention_forward
-            weights: list[torch.Tensor] = []
-
-            def capture(module, *args, **kwargs):
-                output, attention = original(module, *args, **kwargs)
-                if module is target:
-                    weights.append(attention)  # [1, heads, L, L], one full-attention sequence (image or frame)
-                return output, attention
-
-            modeling_qwen2_5_vl.eager_attention_forward = capture
-            try:
+            # one [1, heads, L, L] per full-attention sequence (the image, or a video time step)
+            with attention_weights_of(modeling_qwen2_5_vl, target) as weights:
                 features = visual(pixel_values, grid_thw=grid_thw).pooler_output
-            finally:
-                modeling_qwen2_5_vl.eager_attention_forward = original
             t, h, w = grid_thw[0].tolist()
             assert len(weights) == t and all(x.shape[-1] == h * w for x in weights)
             # mean over heads and queries of what each key patch receives, in the tower's window order
@@ -228,8 +202,7 @@ class HFReference:
 
     def instructions(self, ids: list[int]) -> list[list[int]]:
         """Per item: the ids of its user message (ChatML delimiters) minus special/pad ids."""
-        return user_message_instructions(ids, self.user_opener, self.turn_end, (self.image_id, self.video_id),
-                                         self.excluded)
+        return chatml_instructions(self.tokenizer, ids, (self.image_id, self.video_id))
 
     @torch.no_grad()
     def embed(self, ids: list[int]) -> torch.Tensor:
@@ -289,15 +262,13 @@ class HFReference:
             index += count
             item += 1
         embeds, pos = torch.cat(pieces), torch.cat(kept_positions, dim=1)
-        tokens, logprobs, first_logits = [], [], None
-        for step in range(MAX_TOKENS):  # greedy, no KV cache; generated tokens continue after the unpruned end
-            logits = self.logits(embeds, pos)
-            first_logits = logits if first_logits is None else first_logits
-            token = int(torch.argmax(logits))
-            tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
-            embeds = torch.cat([embeds, table(torch.tensor([token]))])
-            pos = torch.cat([pos, torch.full((3, 1), end + step)], dim=1)
+
+        def next_logits(generated: list[int]) -> torch.Tensor:  # generated tokens continue after the unpruned end
+            after = torch.arange(end, end + len(generated)).expand(3, -1)
+            return self.logits(torch.cat([embeds, table(torch.tensor(generated, dtype=torch.long))]),
+                               torch.cat([pos, after], dim=1))
+
+        tokens, logprobs, first_logits = greedy_decode(next_logits, MAX_TOKENS)
         return Reference(pruned_ids, tokens, logprobs, first_logits, kept_all, instructions)
 
 
@@ -308,25 +279,19 @@ class HFReference:
 
 def request_spec(case: Case) -> dict[str, Any]:
     text, specs = PROMPTS[case.prompt]
-    strip = [{k: v for k, v in spec.items() if k != "kind"} for spec in specs]
-    return {
-        "id": case.id, "prompt": text,
-        "images": [s for s, spec in zip(strip, specs, strict=True) if spec["kind"] == "image"],
-        "videos": [s for s, spec in zip(strip, specs, strict=True) if spec["kind"] == "video"],
-        "mm_processor_kwargs": case.mm_processor_kwargs, "max_tokens": MAX_TOKENS,
-    }
+    return runner_request(case, text, specs, MAX_TOKENS)
 
 
 def start_qwen_runner(model_dir: Path, workdir: Path, name: str, cases: list[Case], env: dict[str, str],
-                      probe: list[dict[str, Any]] | None = None):
+                      probe: list[dict[str, Any]] | None = None, log_selections: bool = False) -> OfflineRun:
     probe_path = None
     if probe:
         probe_path = str(workdir / f"{name}-probe.pt")
         torch.save(probe, probe_path)
-    return start_runner(
-        model_dir, workdir, name, [request_spec(case) for case in cases], env, probe_items=probe_path,
-        llm_kwargs={"max_num_batched_tokens": CHUNK_TOKENS, "enable_chunked_prefill": True,
-                    "limit_mm_per_prompt": {"image": 2, "video": 2}},
+    return OfflineRun(
+        model_dir, workdir, name, [request_spec(case) for case in cases], env, log_selections=log_selections,
+        probe_items=probe_path, llm_kwargs={"max_num_batched_tokens": CHUNK_TOKENS, "enable_chunked_prefill": True,
+                                            "limit_mm_per_prompt": {"image": 2, "video": 2}},
     )
 
 
@@ -355,14 +320,11 @@ def plugin_process(tiny_qwen_weights_dir: Path, hf: HFReference, tmp_path_factor
         pixel_values, grid_thw, _ = hf.pixel_inputs(spec)
         raw, _, _ = hf.pixel_inputs(spec, do_rescale=False, do_normalize=False)
         probe.append({"pixel_values": pixel_values, "raw_pixel_values": raw, "grid_thw": grid_thw})
-    run = start_qwen_runner(
-        tiny_qwen_weights_dir, workdir, "plugin", CASES,
-        {"VLLM_PLUGINS": "textscythe", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-         SELECTION_LOG_ENV: str(workdir / "plugin-selections.jsonl")},
-        probe,
-    )
+    run = start_qwen_runner(tiny_qwen_weights_dir, workdir, "plugin", CASES,
+                            {"VLLM_PLUGINS": "textscythe", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}, probe,
+                            log_selections=True)
     yield run, workdir
-    stop_runner(run[0])
+    run.stop()
 
 
 @pytest.fixture(scope="module")
@@ -374,24 +336,13 @@ def references(hf: HFReference, plugin_process) -> dict[str, Reference]:
 def vllm_runs(plugin_process, tiny_qwen_weights_dir: Path) -> dict[str, dict[str, Any]]:
     """{"plugin": ..., "stock": ...}. One engine at a time (the machine is shared): stock vLLM (on the unpruned
     cases) starts when the plugin run is done."""
-    (process, output, log_path), workdir = plugin_process
-    runs: dict[str, dict[str, Any]] = {}
-    results = finish_runner(process, output, log_path, time.monotonic() + RUN_TIMEOUT_S)
-    runs["plugin"] = {"results": results, "log": log_path.read_text(errors="replace")}
+    plugin, workdir = plugin_process
+    runs = {"plugin": plugin.results(time.monotonic() + RUN_TIMEOUT_S)}
     stock = start_qwen_runner(tiny_qwen_weights_dir, workdir, "stock", UNPRUNED_CASES, {"VLLM_PLUGINS": ""})
     try:
-        runs["stock"] = {"results": finish_runner(*stock, time.monotonic() + RUN_TIMEOUT_S)}
+        runs["stock"] = stock.results(time.monotonic() + RUN_TIMEOUT_S)
     finally:
-        stop_runner(stock[0])
-    for run in runs.values():
-        results = run.pop("results")
-        run.update(
-            batch={entry["id"]: entry for entry in results["batch"]},
-            solo={entry["id"]: entry for entry in results["solo"]},
-            timings=results["timings"],
-            probe=results.get("probe", []),
-        )
-    runs["plugin"]["selections"] = read_selection_log(workdir / "plugin-selections.jsonl")
+        stock.stop()
     print("engine timings:", {name: run["timings"] for name, run in runs.items()})
     return runs
 
@@ -434,9 +385,7 @@ def test_reference_matches_hf_own_forward(hf: HFReference, references):
 @pytest.mark.parametrize("case_id", [case.id for case in UNPRUNED_CASES])
 def test_no_budget_is_stock_vllm(vllm_runs, case_id):
     for mode in ("solo", "batch"):
-        plugin, stock = vllm_runs["plugin"][mode][case_id], vllm_runs["stock"][mode][case_id]
-        assert plugin["prompt_token_ids"] == stock["prompt_token_ids"], mode
-        assert plugin["token_ids"] == stock["token_ids"], mode
+        assert_same_generation(vllm_runs["plugin"][mode][case_id], vllm_runs["stock"][mode][case_id], mode)
     assert vllm_runs["plugin"]["solo"][case_id]["logprobs"] == vllm_runs["stock"]["solo"][case_id]["logprobs"]
 
 
@@ -447,17 +396,12 @@ def test_vllm_matches_hf_reference(vllm_runs, references, case_id):
     assert [len(k) for k in reference.kept] == [kept] * len(PROMPTS[case.prompt][1])
     assert got["prompt_token_ids"] == reference.prompt_token_ids
     assert got["token_ids"] == reference.token_ids
-    torch.testing.assert_close(
-        torch.tensor(got["logprobs"], dtype=torch.float64), torch.tensor(reference.logprobs, dtype=torch.float64),
-        atol=LOGPROB_ATOL, rtol=0,
-    )
+    assert largest_difference(got["logprobs"], reference.logprobs) <= LOGPROB_ATOL
 
 
 @pytest.mark.parametrize("case_id", [case.id for case in CASES])
 def test_batch_with_mixed_budgets_equals_solo(vllm_runs, case_id):
-    batch, solo = vllm_runs["plugin"]["batch"][case_id], vllm_runs["plugin"]["solo"][case_id]
-    assert batch["prompt_token_ids"] == solo["prompt_token_ids"]
-    assert batch["token_ids"] == solo["token_ids"]
+    assert_same_generation(vllm_runs["plugin"]["batch"][case_id], vllm_runs["plugin"]["solo"][case_id])
 
 
 def test_prompt_tokens_drop_by_exactly_the_pruned_count(vllm_runs):
@@ -492,9 +436,9 @@ def test_positions_and_selection_are_what_the_comparison_sees(hf: HFReference, r
         got = vllm_runs["plugin"]["solo"][case_id]["logprobs"]
         for layout in ("base", "first"):
             wrong = hf.reference(BY_ID[case_id], layout=layout).logprobs
-            assert max(abs(a - b) for a, b in zip(got, wrong, strict=True)) > 20 * LOGPROB_ATOL, (case_id, layout)
+            assert largest_difference(got, wrong) > 20 * LOGPROB_ATOL, (case_id, layout)
         other = hf.reference(BY_ID[case_id], selector="uniform").logprobs
-        assert max(abs(a - b) for a, b in zip(got, other, strict=True)) > 20 * LOGPROB_ATOL, case_id
+        assert largest_difference(got, other) > 20 * LOGPROB_ATOL, case_id
     assert not torch.equal(references["img-textscythe-40"].kept[0], torch.arange(40))
 
 

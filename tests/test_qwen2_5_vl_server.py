@@ -10,10 +10,11 @@ from textscythe_dev.images import scene
 from textscythe_dev.server import (
     BAD_VALUES,
     Served,
-    assert_image_drives_outputs,
+    assert_budget_prunes_each_item,
+    assert_pruned_repeat_is_identical,
     assert_refused,
-    assert_same_outputs,
     chat,
+    prompt_tokens,
 )
 
 pytestmark = pytest.mark.server
@@ -36,41 +37,33 @@ SERVED = Served("tiny_qwen_dir", ("--dtype", "float32", "--enable-prefix-caching
                                    "--limit-mm-per-prompt", '{"image": 2, "video": 2}'), name="tiny-qwen")
 
 
-def tokens(client, server, messages, budget=None) -> int:
-    return chat(client, server, messages, budget).usage.prompt_tokens
+def whole_video_tokens(client, server, messages) -> int:
+    """The placeholders of the one video in ``messages``, from what a budget of 1 removes (it counts them all)."""
+    return prompt_tokens(client, server, messages) - prompt_tokens(client, server, messages, 1) + 1
 
 
 def test_image_budgets_change_prompt_tokens_exactly(client, server):
     messages = [message(QUESTION, images=[scene(1, 336, 224)])]
-    full = tokens(client, server, messages)
+    budgets = (1, 16, 40, IMAGE_TOKENS - 1, IMAGE_TOKENS, IMAGE_TOKENS + 1, 10_000)
+    full = assert_budget_prunes_each_item(client, server, messages, [IMAGE_TOKENS], budgets)
     assert full - IMAGE_TOKENS > 5
-    for budget in (1, 16, 40, IMAGE_TOKENS - 1):
-        assert tokens(client, server, messages, budget) == full - IMAGE_TOKENS + budget
-    for budget in (IMAGE_TOKENS, IMAGE_TOKENS + 1, 10_000):
-        assert tokens(client, server, messages, budget) == full
 
 
 def test_video_budgets_change_prompt_tokens_exactly(client, server, clip):
     messages = [message(QUESTION, videos=[clip])]
-    full = tokens(client, server, messages)
-    video_tokens = full - tokens(client, server, messages, 1) + 1  # the budget counts the whole video
+    video_tokens = whole_video_tokens(client, server, messages)
     assert video_tokens >= 48
-    for budget in (7, 24, video_tokens - 1):
-        assert tokens(client, server, messages, budget) == full - video_tokens + budget
-    assert tokens(client, server, messages, video_tokens + 5) == full
+    assert_budget_prunes_each_item(client, server, messages, [video_tokens], (7, 24, video_tokens - 1, video_tokens + 5))
 
 
 def test_image_and_video_in_one_request_budget_per_item(client, server, clip):
-    image, video = [message(QUESTION, images=[scene(3, 336, 224)])], [message(QUESTION, videos=[clip])]
-    video_tokens = tokens(client, server, video) - tokens(client, server, video, 1) + 1
+    video_tokens = whole_video_tokens(client, server, [message(QUESTION, videos=[clip])])
     both = [message(QUESTION, images=[scene(3, 336, 224)], videos=[clip])]
-    full = tokens(client, server, both)
-    for budget in (5, 50):
-        pruned = IMAGE_TOKENS - min(budget, IMAGE_TOKENS) + video_tokens - min(budget, video_tokens)
-        assert tokens(client, server, both, budget) == full - pruned
-    assert tokens(client, server, image, 5) == tokens(client, server, image) - IMAGE_TOKENS + 5
+    assert_budget_prunes_each_item(client, server, both, [IMAGE_TOKENS, video_tokens], (5, 50))
+    image = [message(QUESTION, images=[scene(3, 336, 224)])]
+    assert_budget_prunes_each_item(client, server, image, [IMAGE_TOKENS], [5])
     two_images = [message(QUESTION, images=[scene(4, 336, 224), scene(5, 224, 336)])]
-    assert tokens(client, server, two_images, 9) == tokens(client, server, two_images) - 2 * (IMAGE_TOKENS - 9)
+    assert_budget_prunes_each_item(client, server, two_images, [IMAGE_TOKENS, IMAGE_TOKENS], [9])
 
 
 @pytest.mark.parametrize(("field", "value"), BAD_VALUES)
@@ -81,27 +74,20 @@ def test_bad_values_are_400(client, server, clip, field, value):
 def test_every_selector_serves_images_and_videos(client, server, clip):
     from textscythe_vllm.selectors import available_selectors
 
-    video = [message(QUESTION, videos=[clip])]
-    video_tokens = tokens(client, server, video) - tokens(client, server, video, 1) + 1
+    video_tokens = whole_video_tokens(client, server, [message(QUESTION, videos=[clip])])
     both = [message(QUESTION, images=[scene(7, 336, 224)], videos=[clip])]
-    full = tokens(client, server, both)
     for selector in available_selectors():
-        response = chat(client, server, both, 12, visual_token_selector=selector)
-        assert response.usage.prompt_tokens == full - (IMAGE_TOKENS - 12) - (video_tokens - 12), selector
+        assert_budget_prunes_each_item(client, server, both, [IMAGE_TOKENS, video_tokens], [12],
+                                       visual_token_selector=selector)
     assert server.alive()
 
 
 def test_streaming_and_repeat_are_deterministic_with_prefix_cache(client, server, clip):
     both = [message(QUESTION, images=[scene(8, 336, 224)], videos=[clip])]
-    first = chat(client, server, both, 20, max_tokens=6, logprobs=True)
-    again = chat(client, server, both, 20, max_tokens=6, logprobs=True)
-    details = again.usage.prompt_tokens_details
-    assert details is not None and details.cached_tokens >= BLOCK  # pruned image/video blocks come from the cache
-    assert_same_outputs(fingerprint(again), fingerprint(first))
     # the repeat check can fail: another image (same size, same budget) moves the outputs far more than 1e-4
-    other = chat(client, server, [message(QUESTION, images=[scene(9, 336, 224)], videos=[clip])], 20, max_tokens=6,
-                 logprobs=True)
-    assert_image_drives_outputs(fingerprint(first), fingerprint(other))
+    first = assert_pruned_repeat_is_identical(
+        client, server, both, [message(QUESTION, images=[scene(9, 336, 224)], videos=[clip])], budget=20,
+        cached_at_least=BLOCK)
     stream = client.chat.completions.create(
         model=server.model_name, messages=both, max_tokens=6, temperature=0.0, stream=True,
         stream_options={"include_usage": True}, extra_body={"visual_token_budget": 20},
@@ -110,10 +96,6 @@ def test_streaming_and_repeat_are_deterministic_with_prefix_cache(client, server
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert text == first.choices[0].message.content
     assert [chunk.usage for chunk in chunks if chunk.usage][-1].prompt_tokens == first.usage.prompt_tokens
-
-
-def fingerprint(response) -> tuple[int, list[tuple[str, float]]]:
-    return response.usage.prompt_tokens, [(t.token, t.logprob) for t in response.choices[0].logprobs.content]
 
 
 def test_explanation_lays_out_images_and_video_frames(client, server, clip):

@@ -21,10 +21,9 @@ from textscythe_dev.images import scene
 from textscythe_dev.server import (
     Served,
     assert_image_drives_outputs,
+    assert_no_budget_is_stock,
     assert_same_outputs,
-    chat,
     greedy_with_logprobs,
-    stock_outputs,
 )
 
 pytestmark = pytest.mark.server
@@ -48,9 +47,8 @@ def test_the_server_runs_the_hybrid_class(server):
 
 def test_pruned_outputs_are_deterministic_and_follow_the_image(client, server, clip):
     def fingerprint(image_seed: int) -> tuple[int, list[tuple[str, float]]]:
-        response = chat(client, server, [message(QUESTION, images=[scene(image_seed, 336, 224)], videos=[clip])], 20,
-                        max_tokens=6, logprobs=True)
-        return response.usage.prompt_tokens, [(t.token, t.logprob) for t in response.choices[0].logprobs.content]
+        messages = [message(QUESTION, images=[scene(image_seed, 336, 224)], videos=[clip])]
+        return greedy_with_logprobs(client, server.model_name, messages, max_tokens=6, visual_token_budget=20)
 
     first = fingerprint(20)
     assert_same_outputs(fingerprint(20), first)
@@ -59,7 +57,4 @@ def test_pruned_outputs_are_deterministic_and_follow_the_image(client, server, c
 
 def test_no_budget_is_stock_vllm_token_for_token(client, server, clip, model_dir, tmp_path):
     conversations = {name: _with_clip(conversation, clip) for name, conversation in CONVERSATIONS.items()}
-    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
-    theirs = stock_outputs(model_dir, ARGS, conversations, tmp_path / "stock.log")
-    for name in conversations:
-        assert_same_outputs(ours[name], theirs[name])
+    assert_no_budget_is_stock(client, server, model_dir, ARGS, conversations, tmp_path / "stock.log")

@@ -12,8 +12,8 @@ every case, then every case alone. The reference, here, with transformers' own Q
 * the vision rows (main merger and every DeepStack level) from ``get_image_features``, and the attention the
   selectors read from HF's eager attention weights at the tower's last block (mean over heads and queries of
   each patch's frame, then over each merged row's 4 patches);
-* the instruction (the user message's words, rule written here), the selection (``get_selector(...).select``;
-  videos frame by frame with :func:`spread_budget` quotas);
+* the instruction (the user message's words, rule written in ``textscythe_dev.reference``), the selection
+  (``get_selector(...).select``; videos frame by frame with :func:`spread_budget` quotas);
 * greedy decoding from ``inputs_embeds`` of the pruned prompt with every kept row at its ORIGINAL position, every
   text token at its unpruned position, and every DeepStack level fed exactly the kept rows.
 
@@ -40,10 +40,14 @@ import pytest
 import torch
 
 from textscythe_dev.images import scene
-from textscythe_dev.offline import finish_runner, read_selection_log, start_runner, stop_runner
-from textscythe_dev.reference import user_message_instructions
+from textscythe_dev.offline import Case, OfflineRun, assert_same_generation, runner_request
+from textscythe_dev.reference import (
+    attention_weights_of,
+    chatml_instructions,
+    eager_checkpoint,
+    largest_difference,
+)
 from textscythe_vllm.processing import spread_budget
-from textscythe_vllm.pruning import SELECTION_LOG_ENV
 from textscythe_vllm.selectors import get_selector
 
 pytestmark = pytest.mark.server
@@ -90,14 +94,6 @@ VARIANTS = {variant.name: variant for variant in (
 )}
 
 
-@dataclass(frozen=True)
-class Case:
-    id: str
-    prompt: str
-    budget: int | None = None
-    selector: str = "textscythe"
-
-
 CASES = [
     *(Case(f"{name}-full", name) for name in PROMPTS),
     Case("img-textscythe-10", "img", 10), Case("img-textscythe-40", "img", 40),
@@ -130,19 +126,14 @@ class Reference:
 
 class HFReference:
     def __init__(self, model_dir: Path, variant: Variant) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText  # Qwen3-VL, Qwen3-VL-MoE or Qwen3.5
 
-        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.processor, self.model = eager_checkpoint(AutoModelForImageTextToText, model_dir, variant.dtype)
         self.tokenizer = self.processor.tokenizer
-        self.model = AutoModelForImageTextToText.from_pretrained(  # Qwen3-VL, Qwen3-VL-MoE or Qwen3.5
-            model_dir, dtype=variant.dtype, attn_implementation="eager").eval().float()
         self.deepstack = variant.deepstack
         config = self.model.config
         self.image_id, self.video_id = config.image_token_id, config.video_token_id
         self.merge = config.vision_config.spatial_merge_size
-        self.user_opener = self.tokenizer.encode("<|im_start|>user", add_special_tokens=False)
-        self.turn_end = self.tokenizer.encode("<|im_end|>", add_special_tokens=False)
-        self.excluded = set(self.tokenizer.all_special_ids) | {self.image_id, self.video_id}
         self._media: dict[str, Media] = {}
 
     def processed(self, text: str, specs: tuple[dict[str, Any], ...]) -> Any:
@@ -170,22 +161,9 @@ class HFReference:
             inputs = self.processed(IMG if spec["kind"] == "image" else VID, (spec,))
             pixels, grid = ((inputs["pixel_values"], inputs["image_grid_thw"]) if spec["kind"] == "image"
                             else (inputs["pixel_values_videos"], inputs["video_grid_thw"]))
-            visual = self.model.model.visual
-            target = visual.blocks[-1].attn
-            original = modeling.eager_attention_forward
-            weights: list[torch.Tensor] = []
-
-            def capture(module, *args, **kwargs):
-                output, attention = original(module, *args, **kwargs)
-                if module is target:
-                    weights.append(attention)  # [1, heads, L, L], one frame (or the image)
-                return output, attention
-
-            modeling.eager_attention_forward = capture
-            try:
+            # one [1, heads, L, L] per frame (or for the image)
+            with attention_weights_of(modeling, self.model.model.visual.blocks[-1].attn) as weights:
                 out = self.model.model.get_image_features(pixels, grid)
-            finally:
-                modeling.eager_attention_forward = original
             t, h, w = grid[0].tolist()
             assert len(weights) == t and all(x.shape[-1] == h * w for x in weights)
             patches = torch.cat([x[0].mean(dim=0).mean(dim=0) for x in weights])  # merge-block order
@@ -196,8 +174,7 @@ class HFReference:
 
     def instructions(self, ids: list[int]) -> list[list[int]]:
         """Per item: the ids of its user message (ChatML delimiters) minus special/pad ids."""
-        return user_message_instructions(ids, self.user_opener, self.turn_end, (self.image_id, self.video_id),
-                                         self.excluded)
+        return chatml_instructions(self.tokenizer, ids, (self.image_id, self.video_id))
 
     @torch.no_grad()
     def select(self, media: Media, instruction: list[int], budget: int | None, selector: str,
@@ -243,13 +220,17 @@ class HFReference:
         table = self.model.get_input_embeddings()
         pads = (self.image_id, self.video_id)
         embeds, kept_positions, pruned_ids, is_visual, levels, kept_all = [], [], [], [], None, []
+
+        def keep_text(at: int) -> None:
+            embeds.append(table(torch.tensor([full_ids[at]])))
+            kept_positions.append(positions[:, at:at + 1])
+            pruned_ids.append(full_ids[at])
+            is_visual.append(False)
+
         index = item = 0
         while index < len(full_ids):
             if full_ids[index] not in pads:
-                embeds.append(table(torch.tensor([full_ids[index]])))
-                kept_positions.append(positions[:, index:index + 1])
-                pruned_ids.append(full_ids[index])
-                is_visual.append(False)
+                keep_text(index)
                 index += 1
                 continue
             current = media[item]
@@ -260,10 +241,7 @@ class HFReference:
             taken = 0
             for frame in range(current.frames):  # runs of pads, one per frame, separated by timestamp text
                 while full_ids[index] not in pads:
-                    embeds.append(table(torch.tensor([full_ids[index]])))
-                    kept_positions.append(positions[:, index:index + 1])
-                    pruned_ids.append(full_ids[index])
-                    is_visual.append(False)
+                    keep_text(index)
                     index += 1
                 cells = positions[:, index:index + current.frame_tokens]
                 frame_kept = kept[taken:taken + quotas[frame]] - frame * current.frame_tokens
@@ -301,15 +279,7 @@ class HFReference:
 
 def request_spec(case: Case) -> dict[str, Any]:
     text, specs = PROMPTS[case.prompt]
-    strip = [{k: v for k, v in spec.items() if k != "kind"} for spec in specs]
-    kwargs = None if case.budget is None else {"visual_token_budget": case.budget,
-                                               "visual_token_selector": case.selector}
-    return {
-        "id": case.id, "prompt": text,
-        "images": [s for s, spec in zip(strip, specs, strict=True) if spec["kind"] == "image"],
-        "videos": [s for s, spec in zip(strip, specs, strict=True) if spec["kind"] == "video"],
-        "mm_processor_kwargs": kwargs, "max_tokens": MAX_TOKENS,
-    }
+    return runner_request(case, text, specs, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -334,15 +304,14 @@ def hf(model_dir: Path, variant: Variant) -> HFReference:
 
 @pytest.fixture(scope="module")
 def plugin_process(model_dir: Path, variant: Variant, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("qwen3-equivalence")
-    run = start_runner(
-        model_dir, workdir, "plugin", [request_spec(case) for case in CASES],
-        {"VLLM_PLUGINS": "textscythe", SELECTION_LOG_ENV: str(workdir / "selections.jsonl")},
+    run = OfflineRun(
+        model_dir, tmp_path_factory.mktemp("qwen3-equivalence"), "plugin", [request_spec(case) for case in CASES],
+        {"VLLM_PLUGINS": "textscythe"}, log_selections=True,
         llm_kwargs={"max_num_batched_tokens": CHUNK_TOKENS, "enable_chunked_prefill": True,
                     "limit_mm_per_prompt": {"image": 2, "video": 2}, "dtype": str(variant.dtype).split(".")[-1]},
     )
-    yield run, workdir
-    stop_runner(run[0])
+    yield run
+    run.stop()
 
 
 @pytest.fixture(scope="module")
@@ -352,12 +321,7 @@ def references(hf: HFReference, plugin_process) -> dict[str, Reference]:
 
 @pytest.fixture(scope="module")
 def vllm_run(plugin_process, references) -> dict[str, Any]:
-    (process, output, log_path), workdir = plugin_process
-    results = finish_runner(process, output, log_path, time.monotonic() + RUN_TIMEOUT_S)
-    return {"batch": {entry["id"]: entry for entry in results["batch"]},
-            "solo": {entry["id"]: entry for entry in results["solo"]},
-            "selections": read_selection_log(workdir / "selections.jsonl"),
-            "log": log_path.read_text(errors="replace")}
+    return plugin_process.results(time.monotonic() + RUN_TIMEOUT_S)
 
 
 def test_reference_prompt_layout(hf: HFReference):
@@ -411,15 +375,14 @@ def test_vllm_matches_hf_reference(vllm_run, references, forced, variant, case_i
         margin = max(top - own for top, own in zip(reference.top_logprobs, reference.logprobs, strict=True))
         print(f"{variant.name} {case_id}: largest reference logprob above the engine's token {margin:.2e}")
         assert margin <= variant.logprob_atol
-    difference = max(abs(a - b) for a, b in zip(got["logprobs"], reference.logprobs, strict=True))
+    difference = largest_difference(got["logprobs"], reference.logprobs)
     print(f"{variant.name} {case_id}: max |logprob difference| = {difference:.2e}")
     assert difference <= variant.logprob_atol
 
 
 @pytest.mark.parametrize("case_id", [case.id for case in CASES])
 def test_batch_with_mixed_budgets_equals_solo(vllm_run, case_id):
-    batch, solo = vllm_run["batch"][case_id], vllm_run["solo"][case_id]
-    assert batch["prompt_token_ids"] == solo["prompt_token_ids"] and batch["token_ids"] == solo["token_ids"]
+    assert_same_generation(vllm_run["batch"][case_id], vllm_run["solo"][case_id])
 
 
 def test_engine_kept_positions_match_hf(vllm_run, references, hf, variant):
@@ -463,7 +426,7 @@ def test_positions_rows_and_deepstack_are_what_the_comparison_sees(hf: HFReferen
         if variant.deepstack:
             controls["deepstack"] = hf.reference(case, deepstack="first", **inputs)
         for name, control in controls.items():
-            difference = max(abs(a - b) for a, b in zip(got["logprobs"], control.logprobs, strict=True))
+            difference = largest_difference(got["logprobs"], control.logprobs)
             print(f"{variant.name} {case_id}: {name} control difference {difference:.2e}")
             assert difference > variant.control_floor, (case_id, name)
 

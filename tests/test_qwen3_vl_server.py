@@ -15,12 +15,13 @@ from textscythe_dev.load import metric_sum
 from textscythe_dev.server import (
     BAD_VALUES,
     Served,
+    assert_budget_prunes_each_item,
     assert_image_drives_outputs,
+    assert_no_budget_is_stock,
+    assert_pruned_repeat_is_identical,
     assert_refused,
-    assert_same_outputs,
     chat,
-    greedy_with_logprobs,
-    stock_outputs,
+    prompt_tokens,
 )
 from textscythe_vllm.processing import spread_budget
 
@@ -45,10 +46,6 @@ def model_dir(tmp_path_factory):
     return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"), with_weights=True)
 
 
-def tokens(client, server, messages, budget=None, **extra) -> int:
-    return chat(client, server, messages, budget, **extra).usage.prompt_tokens
-
-
 def tokenized(server, messages, budget=None) -> list[int]:
     body = {"model": server.model_name, "messages": messages}
     if budget is not None:
@@ -60,12 +57,9 @@ def tokenized(server, messages, budget=None) -> list[int]:
 
 def test_image_budgets_change_prompt_tokens_exactly(client, server):
     messages = [message(QUESTION, images=[scene(1, 336, 224)])]
-    full = tokens(client, server, messages)
+    budgets = (1, 16, 40, IMAGE_TOKENS - 1, IMAGE_TOKENS, IMAGE_TOKENS + 1, 10_000)
+    full = assert_budget_prunes_each_item(client, server, messages, [IMAGE_TOKENS], budgets)
     assert full - IMAGE_TOKENS > 5
-    for budget in (1, 16, 40, IMAGE_TOKENS - 1):
-        assert tokens(client, server, messages, budget) == full - IMAGE_TOKENS + budget
-    for budget in (IMAGE_TOKENS, IMAGE_TOKENS + 1, 10_000):
-        assert tokens(client, server, messages, budget) == full
 
 
 def test_video_budget_is_spread_over_frames_and_timestamps_stay(client, server, clip):
@@ -74,7 +68,7 @@ def test_video_budget_is_spread_over_frames_and_timestamps_stay(client, server, 
     pad, start, end = (SPECIAL_TOKENS.index(token) for token in (VIDEO_PAD, VISION_START, VISION_END))
     messages = [message(QUESTION, videos=[clip])]
     full_ids = tokenized(server, messages)
-    full = tokens(client, server, messages)
+    full = prompt_tokens(client, server, messages)
     assert full == len(full_ids) and full_ids.count(pad) == VIDEO_TOKENS
 
     def frames(ids: list[int]) -> list[int]:
@@ -96,21 +90,17 @@ def test_video_budget_is_spread_over_frames_and_timestamps_stay(client, server, 
     without_pads = [token for token in full_ids if token != pad]
     for budget in (1, 3, 7, 24, VIDEO_TOKENS - 1):
         pruned_ids = tokenized(server, messages, budget)
-        assert tokens(client, server, messages, budget) == full - VIDEO_TOKENS + budget == len(pruned_ids)
+        assert prompt_tokens(client, server, messages, budget) == full - VIDEO_TOKENS + budget == len(pruned_ids)
         assert frames(pruned_ids) == spread_budget(budget, [FRAME_TOKENS] * FRAMES), budget
         assert [token for token in pruned_ids if token != pad] == without_pads  # every timestamp, every marker
-    assert tokens(client, server, messages, VIDEO_TOKENS + 5) == full
+    assert prompt_tokens(client, server, messages, VIDEO_TOKENS + 5) == full
 
 
 def test_images_and_video_in_one_request_budget_per_item(client, server, clip):
     both = [message(QUESTION, images=[scene(3, 336, 224)], videos=[clip])]
-    full = tokens(client, server, both)
-    for budget in (5, 50):
-        pruned = IMAGE_TOKENS - min(budget, IMAGE_TOKENS) + VIDEO_TOKENS - min(budget, VIDEO_TOKENS)
-        assert tokens(client, server, both, budget) == full - pruned
+    assert_budget_prunes_each_item(client, server, both, [IMAGE_TOKENS, VIDEO_TOKENS], (5, 50))
     three = [message(QUESTION, images=[scene(4, 336, 224), scene(5, 224, 336)], videos=[clip])]
-    assert tokens(client, server, three, 9) == tokens(client, server, three) - 2 * (IMAGE_TOKENS - 9) - (
-        VIDEO_TOKENS - 9)
+    assert_budget_prunes_each_item(client, server, three, [IMAGE_TOKENS, IMAGE_TOKENS, VIDEO_TOKENS], [9])
 
 
 @pytest.mark.parametrize(("field", "value"), BAD_VALUES)
@@ -122,10 +112,9 @@ def test_every_selector_serves_images_and_videos(client, server, clip):
     from textscythe_vllm.selectors import available_selectors
 
     both = [message(QUESTION, images=[scene(7, 336, 224)], videos=[clip])]
-    full = tokens(client, server, both)
     for selector in available_selectors():
-        assert tokens(client, server, both, 12, visual_token_selector=selector) == \
-            full - (IMAGE_TOKENS - 12) - (VIDEO_TOKENS - 12), selector
+        assert_budget_prunes_each_item(client, server, both, [IMAGE_TOKENS, VIDEO_TOKENS], [12],
+                                       visual_token_selector=selector)
     assert server.alive()
 
 
@@ -149,19 +138,10 @@ def test_metrics_count_tokens_before_and_after(client, server, clip):
     assert after[2] - before[2] == 2
 
 
-def fingerprint(response) -> tuple[int, list[tuple[str, float]]]:
-    return response.usage.prompt_tokens, [(t.token, t.logprob) for t in response.choices[0].logprobs.content]
-
-
 def test_repeat_is_deterministic_with_prefix_cache_and_the_image_drives_outputs(client, server, clip):
-    both = [message(QUESTION, images=[scene(8, 336, 224)], videos=[clip])]
-    first = chat(client, server, both, 20, max_tokens=6, logprobs=True)
-    again = chat(client, server, both, 20, max_tokens=6, logprobs=True)
-    assert again.usage.prompt_tokens_details.cached_tokens >= BLOCK
-    assert_same_outputs(fingerprint(again), fingerprint(first))
-    other = chat(client, server, [message(QUESTION, images=[scene(9, 336, 224)], videos=[clip])], 20, max_tokens=6,
-                 logprobs=True)
-    assert_image_drives_outputs(fingerprint(first), fingerprint(other))
+    assert_pruned_repeat_is_identical(
+        client, server, [message(QUESTION, images=[scene(8, 336, 224)], videos=[clip])],
+        [message(QUESTION, images=[scene(9, 336, 224)], videos=[clip])], budget=20, cached_at_least=BLOCK)
 
 
 def test_explanation_lays_out_images_and_video_frames(client, server, clip):
@@ -193,8 +173,5 @@ def _with_clip(conversation, clip):
 
 def test_no_budget_is_stock_vllm_token_for_token(client, server, clip, model_dir, tmp_path):
     conversations = {name: _with_clip(conversation, clip) for name, conversation in CONVERSATIONS.items()}
-    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
-    theirs = stock_outputs(model_dir, ARGS, conversations, tmp_path / "stock.log")
-    for name in conversations:
-        assert_same_outputs(ours[name], theirs[name])
+    ours = assert_no_budget_is_stock(client, server, model_dir, ARGS, conversations, tmp_path / "stock.log")
     assert_image_drives_outputs(ours["image"], ours["system+image+video"])

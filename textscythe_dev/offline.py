@@ -51,10 +51,39 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # ------------------------------------------------------------------------------------------------ test side
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request of an equivalence test: ``prompt`` names one of the test's prompts; a case without a ``budget``
+    sends no ``mm_processor_kwargs`` at all."""
+
+    id: str
+    prompt: str
+    budget: int | None = None
+    selector: str = "textscythe"
+
+    @property
+    def mm_processor_kwargs(self) -> dict[str, Any] | None:
+        if self.budget is None:
+            return None
+        return {"visual_token_budget": self.budget, "visual_token_selector": self.selector}
+
+
+def runner_request(case: Case, text: str, media: Sequence[Mapping[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """The spec's request for ``case``: the prompt ``text`` with its ``media`` in prompt order, each
+    ``{"kind": "image" | "video", ...}`` (the rest as the runner reads an image or a video)."""
+    def of_kind(kind: str) -> list[dict[str, Any]]:
+        return [{key: value for key, value in spec.items() if key != "kind"} for spec in media if spec["kind"] == kind]
+
+    return {"id": case.id, "prompt": text, "images": of_kind("image"), "videos": of_kind("video"),
+            "mm_processor_kwargs": case.mm_processor_kwargs, "max_tokens": max_tokens}
 
 
 def start_runner(
@@ -100,6 +129,46 @@ def stop_runner(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def results_by_id(results: dict[str, Any]) -> dict[str, Any]:
+    """:func:`finish_runner`'s results with the "batch" and "solo" entries keyed by request id ("probe": ``[]``
+    when the run had none)."""
+    return {"probe": [], **results, "batch": {entry["id"]: entry for entry in results["batch"]},
+            "solo": {entry["id"]: entry for entry in results["solo"]}}
+
+
+class OfflineRun:
+    """One runner, started at once (:func:`start_runner`: the engine works while the test computes its
+    reference) and read back by :meth:`results`; a module-scoped fixture yields it and calls :meth:`stop` after.
+    ``log_selections``: the plugin records every selection it makes (``$TEXTSCYTHE_SELECTION_LOG``)."""
+
+    def __init__(self, model_dir: Path, workdir: Path, name: str, requests: list[dict[str, Any]],
+                 env: dict[str, str], *, log_selections: bool = False, **options: Any) -> None:
+        self.selection_log = workdir / f"{name}-selections.jsonl" if log_selections else None
+        if self.selection_log is not None:
+            from textscythe_vllm.pruning import SELECTION_LOG_ENV
+
+            env = {**env, SELECTION_LOG_ENV: str(self.selection_log)}
+        self.process, self.output, self.log_path = start_runner(model_dir, workdir, name, requests, env, **options)
+
+    def results(self, deadline: float) -> dict[str, Any]:
+        """:func:`results_by_id` once the run is done (killed after ``deadline``, ``time.monotonic()``), with its
+        "log" and, when logged, its "selections" (:func:`read_selection_log`)."""
+        results = results_by_id(finish_runner(self.process, self.output, self.log_path, deadline))
+        results["log"] = self.log_path.read_text(errors="replace")
+        if self.selection_log is not None:
+            results["selections"] = read_selection_log(self.selection_log)
+        return results
+
+    def stop(self) -> None:
+        stop_runner(self.process)
+
+
+def assert_same_generation(one: Mapping[str, Any], other: Mapping[str, Any], label: object = None) -> None:
+    """Two results entries with the same prompt token ids and the same greedy tokens."""
+    assert one["prompt_token_ids"] == other["prompt_token_ids"], label
+    assert one["token_ids"] == other["token_ids"], label
 
 
 def read_selection_log(path: Path) -> list[dict[str, Any]]:

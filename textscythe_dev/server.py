@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -161,6 +161,24 @@ def chat(client: Any, model: str | VLLMServer, messages: list[dict[str, Any]], b
     )
 
 
+def prompt_tokens(client: Any, server: VLLMServer, messages: list[dict[str, Any]], budget: int | None = None,
+                  **extra_body: Any) -> int:
+    """``usage.prompt_tokens`` of a short :func:`chat` to ``server``, with an optional budget and body fields."""
+    return chat(client, server, messages, budget, **extra_body).usage.prompt_tokens
+
+
+def assert_budget_prunes_each_item(client: Any, server: VLLMServer, messages: list[dict[str, Any]],
+                                   item_tokens: Sequence[int], budgets: Sequence[int], **extra_body: Any) -> int:
+    """Under each of ``budgets``, every visual item of ``messages`` (``item_tokens`` placeholders each, unpruned)
+    keeps exactly ``min(budget, its tokens)``: the prompt is shorter than without a budget by exactly what was
+    pruned. ``extra_body`` goes with the budgeted requests only. Returns the prompt tokens without a budget."""
+    full = prompt_tokens(client, server, messages)
+    for budget in budgets:
+        pruned = sum(tokens - min(budget, tokens) for tokens in item_tokens)
+        assert prompt_tokens(client, server, messages, budget, **extra_body) == full - pruned, (budget, extra_body)
+    return full
+
+
 #: ``(field, value)`` pairs every family's server must refuse with HTTP 400 naming the field.
 BAD_VALUES = [("visual_token_budget", 0), ("visual_token_budget", -3), ("visual_token_budget", 1.5),
               ("visual_token_budget", "64"), ("visual_token_budget", True), ("visual_token_selector", "nope")]
@@ -192,18 +210,35 @@ def token_counters(server: VLLMServer) -> tuple[float, float]:
             metric_sum(text, "textscythe_visual_tokens_after_total"))
 
 
+def counted_visual_tokens(server: VLLMServer, send: Callable[[], object]) -> tuple[float, float]:
+    """What ``send()`` adds to the server's :func:`token_counters`: ``(before pruning, after pruning)``."""
+    before = token_counters(server)
+    send()
+    after = token_counters(server)
+    return after[0] - before[0], after[1] - before[1]
+
+
+#: ``(usage.prompt_tokens, [(token, logprob), ...])`` of a chat completion: what two servers must agree on.
+Outputs = tuple[int, list[tuple[str, float]]]
+
+
+def outputs_of(response: Any) -> Outputs:
+    """The :data:`Outputs` of a chat completion asked for log-probabilities."""
+    return response.usage.prompt_tokens, [(t.token, t.logprob) for t in response.choices[0].logprobs.content]
+
+
 def greedy_with_logprobs(client: Any, model: str, messages: list[dict[str, Any]], max_tokens: int = 8,
-                         **extra_body: Any) -> tuple[int, list[tuple[str, float]]]:
-    """``(usage.prompt_tokens, [(token, logprob), ...])`` of a greedy chat completion."""
+                         **extra_body: Any) -> Outputs:
+    """The :data:`Outputs` of a greedy chat completion."""
     response = client.chat.completions.create(
         model=model, messages=messages, max_tokens=max_tokens, temperature=0.0, logprobs=True,
         extra_body=extra_body or None,
     )
-    return response.usage.prompt_tokens, [(t.token, t.logprob) for t in response.choices[0].logprobs.content]
+    return outputs_of(response)
 
 
 def stock_outputs(model: str | Path, extra_args: Sequence[str], conversations: Mapping[str, list[dict[str, Any]]],
-                  log_path: str | Path, max_tokens: int = 8) -> dict[str, tuple[int, list[tuple[str, float]]]]:
+                  log_path: str | Path, max_tokens: int = 8) -> dict[str, Outputs]:
     """Start *stock* ``vllm serve`` (``VLLM_PLUGINS=``, no middleware) on ``model`` and return
     :func:`greedy_with_logprobs` for every conversation; raises if the plugin loaded anyway."""
     import openai
@@ -218,8 +253,7 @@ def stock_outputs(model: str | Path, extra_args: Sequence[str], conversations: M
     return outputs
 
 
-def assert_same_outputs(ours: tuple[int, list[tuple[str, float]]], theirs: tuple[int, list[tuple[str, float]]],
-                        logprob_tolerance: float = 1e-4) -> None:
+def assert_same_outputs(ours: Outputs, theirs: Outputs, logprob_tolerance: float = 1e-4) -> None:
     """Same prompt tokens, same greedy tokens, log-probabilities within ``logprob_tolerance``."""
     assert ours[0] == theirs[0], f"prompt tokens {ours[0]} != {theirs[0]}"
     assert [token for token, _ in ours[1]] == [token for token, _ in theirs[1]]
@@ -227,8 +261,8 @@ def assert_same_outputs(ours: tuple[int, list[tuple[str, float]]], theirs: tuple
         assert abs(mine - stock) <= logprob_tolerance, (mine, stock)
 
 
-def assert_image_drives_outputs(one: tuple[int, list[tuple[str, float]]], other: tuple[int, list[tuple[str, float]]],
-                                logprob_tolerance: float = 1e-4, factor: float = 10.0) -> None:
+def assert_image_drives_outputs(one: Outputs, other: Outputs, logprob_tolerance: float = 1e-4,
+                                factor: float = 10.0) -> None:
     """Two requests that differ only in their image give outputs that differ by far more than
     ``logprob_tolerance`` (a greedy token differs, or a log-probability by ``factor`` x the tolerance): the
     checkpoint's weights let the pixels drive the logits, so a comparison at that tolerance sees the features."""
@@ -240,6 +274,49 @@ def assert_image_drives_outputs(one: tuple[int, list[tuple[str, float]]], other:
         f"another image moved the log-probabilities by at most {largest:.2e}: the weights do not let the image "
         f"drive the logits, so a {logprob_tolerance} tolerance could hide a change to the features"
     )
+
+
+def assert_no_budget_is_stock(
+    client: Any, server: VLLMServer, model: str | Path, args: Sequence[str],
+    conversations: Mapping[str, list[dict[str, Any]]], log_path: str | Path, *,
+    other_media: Mapping[str, list[dict[str, Any]]] | None = None, pruned: Mapping[str, int] | None = None,
+) -> dict[str, Outputs]:
+    """Without a budget, every conversation gets from ``server`` what a stock ``vllm serve`` (``VLLM_PLUGINS=``,
+    the same ``model`` and ``args``) gives: :func:`assert_same_outputs`. Returns ``server``'s outputs.
+
+    Controls, so that the comparison could fail: ``other_media`` maps a conversation to the same question with
+    another image or video, which must move ``server``'s outputs far more than the tolerance
+    (:func:`assert_image_drives_outputs`); ``pruned`` maps a conversation to a budget under which ``server``'s
+    outputs must differ from stock's."""
+    import pytest
+
+    ours = {name: greedy_with_logprobs(client, server.model_name, messages) for name, messages in conversations.items()}
+    theirs = stock_outputs(model, args, conversations, log_path)
+    for name in conversations:
+        assert_same_outputs(ours[name], theirs[name])
+    for name, messages in (other_media or {}).items():
+        assert_image_drives_outputs(ours[name], greedy_with_logprobs(client, server.model_name, messages))
+    for name, budget in (pruned or {}).items():
+        pruned_outputs = greedy_with_logprobs(client, server.model_name, conversations[name],
+                                              visual_token_budget=budget)
+        with pytest.raises(AssertionError):
+            assert_same_outputs(pruned_outputs, theirs[name])
+    return ours
+
+
+def assert_pruned_repeat_is_identical(client: Any, server: VLLMServer, messages: list[dict[str, Any]],
+                                      other_image: list[dict[str, Any]], budget: int, cached_at_least: int) -> Any:
+    """``messages`` sent twice with ``budget`` get identical outputs, the second time with at least
+    ``cached_at_least`` prompt tokens from the prefix cache; ``other_image`` (the same request with another image)
+    moves the outputs far more than the tolerance, so the check could fail. Returns the first response."""
+    first = chat(client, server, messages, budget, max_tokens=6, logprobs=True)
+    again = chat(client, server, messages, budget, max_tokens=6, logprobs=True)
+    details = again.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens >= cached_at_least  # pruned blocks come from the cache
+    assert_same_outputs(outputs_of(again), outputs_of(first))
+    other = chat(client, server, other_image, budget, max_tokens=6, logprobs=True)
+    assert_image_drives_outputs(outputs_of(first), outputs_of(other))
+    return first
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.25) -> bool:
