@@ -42,6 +42,7 @@ import torch
 
 from textscythe_dev import tiny_gemma4
 from textscythe_dev.images import data_url, decoded_frames, scene
+from textscythe_dev.reference import largest_difference
 from textscythe_dev.server import Served
 from textscythe_dev.server import chat as server_chat
 from textscythe_vllm.processing import spread_budget
@@ -280,7 +281,7 @@ def test_vllm_equals_transformers_fed_the_kept_rows(case, served, hf):
     assert ids == ours.prompt_token_ids
     tokens, logprobs = hf.generate(ids, {m: rows[m][kept[m]] for m in rows})
     assert tokens == ours.token_ids
-    difference = max(abs(a - b) for a, b in zip(logprobs, ours.logprobs, strict=True))
+    difference = largest_difference(logprobs, ours.logprobs)
     print(f"{case.id}: prompt tokens {len(ids)}, max |logprob difference| {difference:.2e}")
     assert difference <= LOGPROB_ATOL
 
@@ -294,7 +295,7 @@ def test_another_choice_of_rows_is_far_from_vllm(served, hf):
     assert ours.kept["image"] != list(range(10))
     tokens, logprobs = hf.generate(ours.prompt_token_ids, {"image": rows["image"][:10]})
     if tokens == ours.token_ids:
-        assert max(abs(a - b) for a, b in zip(logprobs, ours.logprobs, strict=True)) > 10 * LOGPROB_ATOL
+        assert largest_difference(logprobs, ours.logprobs) > 10 * LOGPROB_ATOL
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -315,7 +316,7 @@ def test_batch_with_mixed_budgets_equals_solo(case, served, batched):
     solo, batch = served[case.id], batched.results[case.id]
     assert batch.prompt_token_ids == solo.prompt_token_ids
     assert batch.token_ids == solo.token_ids
-    difference = max(abs(a - b) for a, b in zip(batch.logprobs, solo.logprobs, strict=True))
+    difference = largest_difference(batch.logprobs, solo.logprobs)
     print(f"{case.id}: batch vs solo max |logprob difference| {difference:.2e}")
 
 

@@ -48,7 +48,7 @@ import torch
 
 from textscythe_dev import tiny_internvl
 from textscythe_dev.images import decoded_frames, media_message, scene, video_data_url
-from textscythe_dev.reference import user_message_instructions
+from textscythe_dev.reference import largest_difference, user_message_instructions
 from textscythe_dev.server import VLLMServer
 from textscythe_vllm.processing import spread_budget
 from textscythe_vllm.pruning import SELECTION_LOG_ENV
@@ -374,7 +374,7 @@ def test_server_matches_transformers_fed_the_kept_rows(served, hf_model, visual,
     rows = torch.cat([visual[modality][0][positions] for modality, positions in kept.items()])
     tokens, logprobs = reference(hf_model, ids, rows, context_ids(fmt))
     assert result["tokens"] == tokens
-    difference = max(abs(a - b) for a, b in zip(result["logprobs"], logprobs, strict=True))
+    difference = largest_difference(result["logprobs"], logprobs)
     print(f"{fmt} {case.id}: prompt tokens {len(ids)}, max |logprob difference| {difference:.2e}")
     assert difference <= LOGPROB_ATOL
 
@@ -399,7 +399,7 @@ def test_cls_attention_keeps_transformers_top_attention_tokens(served, visual, c
 
 
 def logprob_gap(result: dict[str, Any], other: list[float]) -> float:
-    return max(abs(a - b) for a, b in zip(result["logprobs"], other, strict=True))
+    return largest_difference(result["logprobs"], other)
 
 
 def test_comparisons_can_tell_selections_apart(served, hf_model, visual):
