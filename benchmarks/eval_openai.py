@@ -11,10 +11,13 @@ and the latency.
 ``resolution`` is a baseline that may stand among the selectors: instead of pruning, the image is *down-scaled* on
 the client to the largest size whose prompt holds no more tokens than the same image at budget K (both counted by
 the server's own ``/tokenize``, so image markers and every family's resize rules count alike), and sent without a
-budget -- the same number of visual tokens, obtained by lowering the resolution. It needs a family whose token
-count follows the image size (Qwen2.5-VL, Qwen3-VL / Qwen3.5, Gemma 4, InternVL's tiles, the LLaVA-NeXT /
-OneVision tiles); where the smallest image still has more tokens (LLaVA-1.5's fixed 576), its requests are
-reported as errors saying so.
+budget -- the same number of visual tokens, obtained by lowering the resolution. Where the image's size does not
+decide its token count but the model has its own resolution option (Gemma 4 resizes every image to its
+``max_soft_tokens``), the largest of that option's values whose prompt fits is sent instead (as
+``mm_processor_kwargs``, which the plugin admits up to the server's own value): Gemma 4 at 280 soft tokens
+compares with budgets 140 and 70 exactly. Families whose count follows the size: Qwen2.5-VL, Qwen3-VL / Qwen3.5,
+InternVL's tiles, the LLaVA-NeXT / OneVision tiles; where neither way reaches the budget (LLaVA-1.5's fixed 576),
+the requests are reported as errors saying so.
 
 Datasets: ``easy-vqa`` (the ``easy-vqa`` PyPI package: 64 px synthetic shapes, answers such as "circle",
 "red", "yes"; ``--split test`` by default) or a JSONL file with one ``{"image": path_or_url, "question": ...,
@@ -41,7 +44,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,9 @@ NO_BUDGET = "none"
 RESOLUTION = "resolution"
 #: The smallest long side (px) the resolution baseline tries.
 MIN_SIDE = 28
+#: Models' own resolution options the baseline tries, largest value first, when the image size does not decide the
+#: token count (a server that does not admit a value answers 400, and the next is tried).
+RESOLUTION_OPTIONS: dict[str, tuple[int, ...]] = {"max_soft_tokens": (1120, 560, 280, 140, 70)}  # Gemma 4
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -262,14 +268,24 @@ def build_messages(sample: Sample, url: str, suffix: str) -> list[dict[str, obje
                                          {"type": "text", "text": text}]}]
 
 
-async def ask(client, args: argparse.Namespace, setting: Setting, index: int, sample: Sample,
-              messages: list[dict[str, object]], gate: asyncio.Semaphore) -> Outcome:
+@dataclass(frozen=True)
+class Lowered:
+    """What one sample sends under a setting: its image URL and the model options (``mm_processor_kwargs``)."""
+
+    url: str
+    options: dict[str, object] = field(default_factory=dict)
+
+
+async def ask(client, args: argparse.Namespace, setting: Setting, index: int, sample: Sample, request: Lowered,
+              gate: asyncio.Semaphore) -> Outcome:
+    messages = build_messages(sample, request.url, args.prompt_suffix)
+    extra_body = {**setting.extra_body(), **({"mm_processor_kwargs": request.options} if request.options else {})}
     async with gate:
         started = time.perf_counter()
         try:
             response = await client.chat.completions.create(
                 model=args.model, messages=messages, max_tokens=args.max_tokens, temperature=0.0,
-                extra_body=setting.extra_body() or None,
+                extra_body=extra_body or None,
             )
         except Exception as error:  # counted as wrong and reported; the run goes on
             return Outcome(setting.name, index, None, False, None, None, time.perf_counter() - started,
@@ -312,20 +328,27 @@ def png_url(picture: Any) -> str:
 
 
 async def prompt_tokens(http, args: argparse.Namespace, messages: list[dict[str, object]],
-                        budget: int | None = None) -> int:
-    """The server's own count of the chat prompt (``POST /tokenize``), at ``budget`` when given."""
+                        budget: int | None = None, options: dict[str, object] | None = None) -> int | None:
+    """The server's own count of the chat prompt (``POST /tokenize``), at ``budget`` and with the model
+    ``options`` when given; ``None`` when the server refuses the options (400)."""
     body: dict[str, object] = {"model": args.model, "messages": messages}
     if budget is not None:
         body["visual_token_budget"] = budget
+    if options:
+        body["mm_processor_kwargs"] = options
     response = await http.post(f"{args.base_url.removesuffix('/v1')}/tokenize", json=body,
                                headers={"Authorization": f"Bearer {args.api_key}"})
+    if options and response.status_code == 400:
+        return None
     response.raise_for_status()
     return int(response.json()["count"])
 
 
-async def resolution_url(http, args: argparse.Namespace, sample: Sample, budget: int) -> str:
+async def resolution_request(http, args: argparse.Namespace, sample: Sample, budget: int) -> Lowered:
     """The sample's image down-scaled (aspect kept) to the largest long side whose prompt has no more tokens than
-    the original image's at ``budget``: the same number of visual tokens by lowering the resolution."""
+    the original image's at ``budget``: the same number of visual tokens by lowering the resolution. Where no size
+    gets there, the original image with the largest value of a model's own resolution option
+    (:data:`RESOLUTION_OPTIONS`) whose prompt does."""
     picture = load_image(sample.image)
 
     def scaled(side: int) -> Any:
@@ -335,18 +358,26 @@ async def resolution_url(http, args: argparse.Namespace, sample: Sample, budget:
     async def tokens_at(side: int) -> int:
         return await prompt_tokens(http, args, build_messages(sample, png_url(scaled(side)), args.prompt_suffix))
 
-    target = await prompt_tokens(http, args, build_messages(sample, png_url(picture), args.prompt_suffix), budget)
+    original = build_messages(sample, png_url(picture), args.prompt_suffix)
+    target = await prompt_tokens(http, args, original, budget)
     longest = max(picture.size)
     if await tokens_at(longest) <= target:
-        return png_url(picture)
+        return Lowered(png_url(picture))
     low, high = MIN_SIDE, longest  # invariant: tokens_at(high) > target
     if await tokens_at(low) > target:
-        raise ResolutionUnreachable(f"even a {MIN_SIDE} px image has more than {target} prompt tokens on "
-                                    f"{args.model}: its token count does not follow the resolution")
+        for key, values in RESOLUTION_OPTIONS.items():
+            for value in values:
+                tokens = await prompt_tokens(http, args, original, options={key: value})
+                if tokens is not None and tokens <= target:
+                    return Lowered(png_url(picture), {key: value})
+        raise ResolutionUnreachable(
+            f"even a {MIN_SIDE} px image has more than {target} prompt tokens on {args.model}, and no value of "
+            f"{', '.join(RESOLUTION_OPTIONS)} the server admits gets there: its token count does not follow the "
+            "resolution")
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if await tokens_at(middle) <= target else (low, middle)
-    return png_url(scaled(low))
+    return Lowered(png_url(scaled(low)))
 
 
 async def evaluate(args: argparse.Namespace, samples: list[Sample], settings: list[Setting]) -> list[Outcome]:
@@ -359,16 +390,16 @@ async def evaluate(args: argparse.Namespace, samples: list[Sample], settings: li
             models = await client.models.list()
             args.model = models.data[0].id
         gate = asyncio.Semaphore(args.concurrency)
-        urls = [image_url(sample.image) for sample in samples]
+        originals = [Lowered(image_url(sample.image)) for sample in samples]
         outcomes: list[Outcome] = []
         for setting in settings:  # one setting at a time: latencies are not mixed across settings
-            setting_urls: list[str | BaseException] = list(urls)
+            requests: list[Lowered | BaseException] = list(originals)
             if setting.selector == RESOLUTION:
-                setting_urls = await resolution_urls(args, samples, setting.budget, gate)
+                requests = await resolution_requests(args, samples, setting.budget, gate)
             started = time.perf_counter()
-            tasks = [ask(client, args, setting, i, s, build_messages(s, url, args.prompt_suffix), gate)
-                     if isinstance(url, str) else failed(setting, i, url)
-                     for (i, s), url in zip(enumerate(samples), setting_urls, strict=True)]
+            tasks = [ask(client, args, setting, i, s, request, gate)
+                     if isinstance(request, Lowered) else failed(setting, i, request)
+                     for (i, s), request in zip(enumerate(samples), requests, strict=True)]
             done = await asyncio.gather(*tasks)
             outcomes += done
             accuracy = 100 * sum(o.correct for o in done) / len(done)
@@ -380,15 +411,15 @@ async def evaluate(args: argparse.Namespace, samples: list[Sample], settings: li
     return outcomes
 
 
-async def resolution_urls(args: argparse.Namespace, samples: list[Sample], budget: int,
-                          gate: asyncio.Semaphore) -> list[str | BaseException]:
-    """Per sample: its down-scaled image (:func:`resolution_url`), or why there is none."""
+async def resolution_requests(args: argparse.Namespace, samples: list[Sample], budget: int,
+                              gate: asyncio.Semaphore) -> list[Lowered | BaseException]:
+    """Per sample: its image at the lower resolution (:func:`resolution_request`), or why there is none."""
     import httpx
 
     async with httpx.AsyncClient(timeout=args.timeout) as http:
-        async def one(sample: Sample) -> str:
+        async def one(sample: Sample) -> Lowered:
             async with gate:
-                return await resolution_url(http, args, sample, budget)
+                return await resolution_request(http, args, sample, budget)
 
         return list(await asyncio.gather(*(one(sample) for sample in samples), return_exceptions=True))
 

@@ -1,7 +1,9 @@
 """Real ``vllm serve`` with the plugin on a tiny Gemma 4 (saved random float32 weights), driven through the ``openai``
 SDK: images, a video (frames between ``mm:ss`` timestamps, each frame pruned to its share of the budget), two images
 and a video in one request, bad values, every selector, the token counters of ``/metrics``, a server-wide
-``max_soft_tokens`` composed with budgets, and -- against a stock ``vllm serve`` (``VLLM_PLUGINS=``) on the same
+``max_soft_tokens`` composed with budgets, a request's ``max_soft_tokens`` (Gemma 4's own way to lower the
+resolution, admitted up to the server's, as stock vLLM applies it; ``eval_openai.py``'s ``resolution`` baseline
+uses it), and -- against a stock ``vllm serve`` (``VLLM_PLUGINS=``) on the same
 saved weights -- requests without a budget identical token for token, with identical log-probabilities."""
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from textscythe_dev.server import (
     assert_budget_prunes_each_item,
     assert_no_budget_is_stock,
     assert_refused,
+    assert_same_outputs,
     chat,
     counted_visual_tokens,
+    greedy_with_logprobs,
     prompt_tokens,
 )
 from textscythe_vllm.processing import spread_budget
@@ -128,14 +132,19 @@ def test_every_selector_serves_images_and_videos(client, server, clip):
     assert server.alive()
 
 
-def test_request_max_soft_tokens_is_ignored(client, server):
-    """Gemma 4's own per-request resolution never reaches the processor: the plugin keeps only its own keys."""
+def test_request_max_soft_tokens_above_the_servers_is_refused(client, server):
+    """Gemma 4's own per-request resolution may not raise the server's (the checkpoint's 70 here): 400 naming it,
+    the server stays up; the server's own value is accepted, and the nested form Gemma 4 also reads is dropped."""
     messages = [message(QUESTION, images=[scene(12, *WIDE)])]
     full = prompt_tokens(client, server, messages)
-    for value in (140, 280):
-        assert prompt_tokens(client, server, messages, mm_processor_kwargs={"max_soft_tokens": value}) == full
-        assert prompt_tokens(client, server, messages, 10, mm_processor_kwargs={"max_soft_tokens": value}) == \
-            full - 60
+    assert prompt_tokens(client, server, messages, mm_processor_kwargs={"max_soft_tokens": 70}) == full
+    assert prompt_tokens(client, server, messages, 10, mm_processor_kwargs={"max_soft_tokens": 70}) == full - 60
+    assert prompt_tokens(client, server, messages, mm_processor_kwargs={"images_kwargs": {"max_soft_tokens": 140}}) \
+        == full
+    for value in (140, 280, 1120, 100, "70", 70.5, True):
+        with pytest.raises(openai.BadRequestError, match=r"'max_soft_tokens' must be one of \[70\]"):
+            chat(client, server, messages, mm_processor_kwargs={"max_soft_tokens": value})
+    assert server.alive()
 
 
 NO_BUDGET_CASES = {
@@ -164,19 +173,90 @@ def test_metrics_count_image_and_video_tokens_before_and_after(client, server, c
     assert counted == (70 + 64 + VIDEO_TOKENS, 66 + 64 + 66)
 
 
-def test_server_wide_max_soft_tokens_composes_with_budgets(model_dir, tmp_path_factory):
-    """``--mm-processor-kwargs '{"max_soft_tokens": 140}'`` gives every image up to 140 soft tokens (video frames
-    stay at vLLM's 70); a budget then prunes those, and the counters count them."""
+@pytest.fixture(scope="module")
+def wide(model_dir, tmp_path_factory):
+    """A second server whose operator set ``--mm-processor-kwargs '{"max_soft_tokens": 140}'``."""
     log = tmp_path_factory.mktemp("logs") / "vllm-max-soft-tokens.log"
-    args = [*SERVER_ARGS, "--mm-processor-kwargs", '{"max_soft_tokens": 140}']
-    with VLLMServer(model_dir, args, log_path=log, served_model_name="tiny-gemma4-140") as wide:
-        client = openai.OpenAI(base_url=f"{wide.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
-        image = [message(QUESTION, images=[scene(71, *WIDE)])]
-        text = prompt_tokens(client, wide, [message(QUESTION)])
-        full = prompt_tokens(client, wide, image)
-        image_tokens = full - text - 2  # <|image> and <image|> around the soft tokens
-        assert image_tokens == 126  # 480 x 336 px at 140: resized to 672 x 432 px, 14 x 9 soft tokens
-        assert_budget_prunes_each_item(client, wide, image, [image_tokens], (10, 70, image_tokens - 1, 500))
-        video = [message(QUESTION, videos=[video_url(3)])]
-        assert prompt_tokens(client, wide, video) - prompt_tokens(client, wide, video, 10) == VIDEO_TOKENS - 10
-        assert counted_visual_tokens(wide, lambda: chat(client, wide, image, 30)) == (126, 30)
+    with VLLMServer(model_dir, WIDE_ARGS, log_path=log, served_model_name="tiny-gemma4-140") as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def wide_client(wide):
+    return openai.OpenAI(base_url=f"{wide.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+WIDE_ARGS = [*SERVER_ARGS, "--mm-processor-kwargs", '{"max_soft_tokens": 140}']
+AT_70 = {"mm_processor_kwargs": {"max_soft_tokens": 70}}
+
+
+def test_server_wide_max_soft_tokens_composes_with_budgets(wide, wide_client):
+    """The server's ``max_soft_tokens`` (140) gives every image up to 140 soft tokens (video frames stay at vLLM's
+    70); a budget then prunes those, and the counters count them."""
+    image = [message(QUESTION, images=[scene(71, *WIDE)])]
+    text = prompt_tokens(wide_client, wide, [message(QUESTION)])
+    full = prompt_tokens(wide_client, wide, image)
+    image_tokens = full - text - 2  # <|image> and <image|> around the soft tokens
+    assert image_tokens == 126  # 480 x 336 px at 140: resized to 672 x 432 px, 14 x 9 soft tokens
+    assert_budget_prunes_each_item(wide_client, wide, image, [image_tokens], (10, 70, image_tokens - 1, 500))
+    video = [message(QUESTION, videos=[video_url(3)])]
+    assert prompt_tokens(wide_client, wide, video) - prompt_tokens(wide_client, wide, video, 10) == VIDEO_TOKENS - 10
+    assert counted_visual_tokens(wide, lambda: chat(wide_client, wide, image, 30)) == (126, 30)
+
+
+def test_request_max_soft_tokens_lowers_the_resolution_as_stock_vllm(wide, wide_client, model_dir, tmp_path_factory):
+    """A request's ``max_soft_tokens`` at or below the server's reaches Gemma 4 as it does in stock vLLM (the same
+    prompt, tokens and log-probabilities as a stock server given the same request); budgets prune what it gives,
+    the counters count it, and a value above the server's is refused."""
+    image = [message(QUESTION, images=[scene(72, *WIDE)])]
+    full = prompt_tokens(wide_client, wide, image)
+    lowered = prompt_tokens(wide_client, wide, image, **AT_70)
+    assert full - lowered == 126 - 70  # 480 x 336 px at 70: 10 x 7 soft tokens
+    assert prompt_tokens(wide_client, wide, image, 10, **AT_70) == lowered - 60
+    assert prompt_tokens(wide_client, wide, image, mm_processor_kwargs={"max_soft_tokens": 140}) == full
+    assert counted_visual_tokens(wide, lambda: chat(wide_client, wide, image, 30, **AT_70)) == (70, 30)
+    for value in (280, 1120):
+        with pytest.raises(openai.BadRequestError, match=r"must be one of \[70, 140\]"):
+            chat(wide_client, wide, image, mm_processor_kwargs={"max_soft_tokens": value})
+    ours = greedy_with_logprobs(wide_client, wide.model_name, image, **AT_70)
+    log = tmp_path_factory.mktemp("logs") / "stock-max-soft-tokens.log"
+    with VLLMServer(model_dir, [*WIDE_ARGS, "--trust-request-mm-kwargs"], env={"VLLM_PLUGINS": ""}, log_path=log,
+                    with_middleware=False, served_model_name="stock") as stock:
+        stock_client = openai.OpenAI(base_url=f"{stock.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        theirs = greedy_with_logprobs(stock_client, stock.model_name, image, **AT_70)
+        unlowered = greedy_with_logprobs(stock_client, stock.model_name, image)
+    assert "visual token pruning enabled" not in log.read_text()
+    assert_same_outputs(ours, theirs)
+    assert unlowered[0] == full and theirs[0] == lowered  # control: stock honours the option too
+
+
+def test_eval_openai_resolution_baseline_uses_max_soft_tokens(wide, tmp_path):
+    """``eval_openai.py``'s ``resolution`` baseline on Gemma 4, whose token count does not follow the image size:
+    it sends Gemma 4's own ``max_soft_tokens`` (the largest the server admits that fits), so ``resolution@70``
+    has exactly the prompt of ``textscythe@70`` for an image of 70 soft tokens at 70."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dataset = tmp_path / "set.jsonl"
+    with open(dataset, "w") as lines:
+        for index, size in enumerate([WIDE, (400, 280)]):
+            scene(80 + index, *size).save(tmp_path / f"{index}.png")
+            lines.write(json.dumps({"image": f"{index}.png", "question": QUESTION, "answer": "red"}) + "\n")
+    out = tmp_path / "eval.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_openai.py"
+    command = [sys.executable, str(script), "--base-url", f"{wide.base_url}/v1", "--model", wide.model_name,
+               "--dataset", str(dataset), "--budgets", "none,70,20", "--selectors", "textscythe,resolution",
+               "--max-tokens", "2", "--concurrency", "2", "--no-plot", "--out", str(out),
+               "--predictions", str(tmp_path / "predictions.jsonl")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["setting"]: row for row in json.loads(out.read_text())["settings"]}
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    tokens = {(p["setting"], p["index"]): p["prompt_tokens"] for p in predictions}
+    for index in range(2):
+        assert tokens[("resolution@70", index)] == tokens[("textscythe@70", index)] < tokens[("none", index)]
+    # no value of Gemma 4's reaches 20 soft tokens: reported as errors saying why, not sent at full resolution
+    assert (rows["resolution@20"]["samples"], rows["resolution@20"]["errors"]) == (2, 2)
+    assert rows["resolution@70"]["errors"] == 0

@@ -204,10 +204,9 @@ def test_metrics_count_unpruned_tokens_per_item(processor):
     assert processor._unpruned_token_count(items["video"], 0, "video") == FRAME_TOKENS * NUM_FRAMES
 
 
-def test_request_max_soft_tokens_is_dropped_server_wide_one_composes(model_dir, processor):
-    """A request's ``max_soft_tokens`` never reaches Gemma 4 (the plugin keeps only its own keys); the server's
-    ``--mm-processor-kwargs`` value does, and budgets then prune the larger images it gives."""
-    assert embed_runs(_apply(processor, max_soft_tokens=140), "image") == [70]
+def test_server_wide_max_soft_tokens_composes_with_budgets(model_dir):
+    """The server's ``--mm-processor-kwargs`` ``max_soft_tokens`` reaches Gemma 4, and budgets then prune the
+    larger images it gives."""
     wide = make_processor(model_dir, mm_processor_kwargs={"max_soft_tokens": 140})
     items = wide.info.parse_mm_data({"image": [scene(1, *IMAGE_SIZE)], "video": [tiny_video(2, NUM_FRAMES)]})
     image_tokens = wide._unpruned_token_count(items["image"], 0, "image")
@@ -216,3 +215,38 @@ def test_request_max_soft_tokens_is_dropped_server_wide_one_composes(model_dir, 
     assert embed_runs(_apply(wide), "video") == [FRAME_TOKENS] * NUM_FRAMES  # frames stay at 70 in vLLM
     for budget in (10, 100, image_tokens, 500):
         assert embed_runs(_apply(wide, visual_token_budget=budget), "image") == [min(budget, image_tokens)]
+
+
+def test_request_max_soft_tokens_lowers_resolution_never_above_the_servers(model_dir, processor):
+    """A request's ``max_soft_tokens`` reaches Gemma 4 when it is one of Gemma 4's values and not above the
+    server's: images get at most that many soft tokens, budgets prune those, the metrics count them, videos stay at
+    70 per frame, and the item hash changes with it (no cache mixes resolutions). Anything else is refused."""
+    from textscythe_vllm.processing import carrying_request_options
+    from textscythe_vllm.request import PruningRequestError
+
+    wide = make_processor(model_dir, mm_processor_kwargs={"max_soft_tokens": 140})
+    items = wide.info.parse_mm_data({"image": [scene(1, *IMAGE_SIZE)]})
+    stock = _apply(wide)
+    lowered = _apply(wide, max_soft_tokens=70)
+    assert embed_runs(lowered, "image") == [70] and embed_runs(stock, "image")[0] > 70
+    assert embed_runs(lowered, "video") == [FRAME_TOKENS] * NUM_FRAMES
+    assert embed_runs(_apply(wide, max_soft_tokens=70, visual_token_budget=10), "image") == [10]
+    assert embed_runs(_apply(wide, max_soft_tokens=140), "image") == embed_runs(stock, "image")
+    assert embed_runs(_apply(wide, max_soft_tokens=None), "image") == embed_runs(stock, "image")
+    assert lowered["mm_hashes"]["image"] != stock["mm_hashes"]["image"]
+    assert lowered["mm_hashes"]["video"] != stock["mm_hashes"]["video"]  # stock vLLM hashes every item with it
+    with carrying_request_options({"max_soft_tokens": 70}):
+        assert wide._unpruned_token_count(items["image"], 0, "image") == 70
+    for bad in (280, 1120, 100, 0, -70, "70", 70.0, True, [70], {"x": 70}):
+        with pytest.raises(PruningRequestError, match=r"'max_soft_tokens' must be one of \[70, 140\]") as error:
+            _apply(wide, max_soft_tokens=bad)
+        assert error.value.param == "max_soft_tokens"
+    with pytest.raises(PruningRequestError, match=r"one of \[70\] on this server"):
+        _apply(processor, max_soft_tokens=140)  # the checkpoint's own 70 is this server's ceiling
+    assert embed_runs(_apply(processor, max_soft_tokens=70), "image") == [70]
+
+
+def test_other_request_processor_options_are_dropped(processor):
+    """Only the top-level ``max_soft_tokens`` is admitted (and checked): the nested form Gemma 4 also reads, which
+    would give this image 126 soft tokens, never reaches it."""
+    assert embed_runs(_apply(processor, images_kwargs={"max_soft_tokens": 140}), "image") == [70]

@@ -255,6 +255,25 @@ def test_no_budget_means_no_mm_processor_kwargs():
     assert "mm_processor_kwargs" not in forwarded
 
 
+def test_only_the_served_models_admitted_options_pass(vllm_app):
+    """Gemma 4's ``max_soft_tokens`` passes (its processor checks the value) where the route carries processor
+    options; other keys are dropped, and a model without admitted options gets none."""
+    from textscythe_vllm.plugin import REQUEST_PROCESSOR_OPTIONS
+    from textscythe_vllm.routes import RouteTable
+
+    gemma4 = REQUEST_PROCESSOR_OPTIONS["Gemma4ForConditionalGeneration"]
+    kwargs = {"max_soft_tokens": 70, "images_kwargs": {"max_soft_tokens": 1120}, "size": 3}
+    forwarded = rewrite_payload({"model": "m", "mm_processor_kwargs": dict(kwargs)}, model_options=gemma4)
+    assert forwarded["mm_processor_kwargs"] == {"max_soft_tokens": 70}
+    forwarded = rewrite_payload({"model": "m", "mm_processor_kwargs": dict(kwargs), "visual_token_budget": 9},
+                                model_options=gemma4)
+    assert forwarded["mm_processor_kwargs"] == {"max_soft_tokens": 70, "visual_token_budget": 9}
+    assert "mm_processor_kwargs" not in rewrite_payload({"mm_processor_kwargs": dict(kwargs)})
+    policies = {policy.path: policy for policy in RouteTable().guarded_paths(vllm_app)}
+    dropped = rewrite_payload({"mm_processor_kwargs": dict(kwargs)}, policies["/v1/messages"], model_options=gemma4)
+    assert "mm_processor_kwargs" not in dropped  # a route that takes no processor options
+
+
 @pytest.mark.parametrize("value", [0, -1, 2.5, 64.0, True, "64", None, [1], {"a": 1}, 2**80])
 def test_bad_budget_is_400_naming_the_field(vllm_app, value):
     status, payload, downstream = guarded(vllm_app, {"model": "m", "visual_token_budget": value})

@@ -12,7 +12,9 @@ multimodal processor take per-request processor options; this middleware is what
 * moves the top-level ``visual_token_budget`` / ``visual_token_selector`` fields into ``mm_processor_kwargs`` and
   validates them (HTTP 400 naming the field); a budget sent to a server whose model the plugin does not prune,
   or to a route that cannot carry it, is refused the same way rather than ignored;
-* drops every other client-supplied ``mm_processor_kwargs`` key and all ``media_io_kwargs``.
+* drops every other client-supplied ``mm_processor_kwargs`` key and all ``media_io_kwargs``, except the served
+  model's own options the plugin admits (``plugin.REQUEST_PROCESSOR_OPTIONS``: Gemma 4's ``max_soft_tokens``),
+  which its processor validates.
 
 The multimodal processor applies the same allow-list again (defence in depth for offline and other frontends).
 Responses, streamed or not, pass through untouched; after the body is read, ``receive`` is handed on so vLLM
@@ -73,17 +75,19 @@ class RequestRejected(Exception):
 
 
 def rewrite_payload(payload: dict[str, Any], policy: RoutePolicy | None = None,
-                    refusal: str | None = None) -> dict[str, Any]:
+                    refusal: str | None = None, model_options: tuple[str, ...] = ()) -> dict[str, Any]:
     """Return the request body with only validated, allow-listed multimodal processor kwargs.
 
     ``refusal`` (why this server cannot prune) turns any plugin field into a 400; so does a route that takes
-    media but cannot carry the budget (``policy.refuses_budget``).
+    media but cannot carry the budget (``policy.refuses_budget``). ``model_options``: the served model's own
+    keys a request may set (validated by its processor); kept where the route carries processor options.
     """
     client_kwargs = payload.pop(MM_KWARGS_FIELD, None)
     if client_kwargs is not None and not isinstance(client_kwargs, dict):
         raise RequestRejected(400, f"'{MM_KWARGS_FIELD}' must be an object", MM_KWARGS_FIELD)
     allowed = {key: value for key, value in (client_kwargs or {}).items() if key in CLIENT_KEYS}
-    dropped = sorted(set(client_kwargs or {}) - set(allowed))
+    options = {key: value for key, value in (client_kwargs or {}).items() if key in model_options}
+    dropped = sorted(set(client_kwargs or {}) - set(allowed) - set(options))
     if dropped:
         logger.info("textscythe: dropped client-supplied %s keys %s", MM_KWARGS_FIELD, dropped)
     payload.pop(MEDIA_IO_FIELD, None)
@@ -108,8 +112,8 @@ def rewrite_payload(payload: dict[str, Any], policy: RoutePolicy | None = None,
             400, f"'{field}' cannot be honoured on {policy.path}: this route takes images but no multimodal "
             "processor options; send the request to /v1/chat/completions or /v1/responses", field,
         )
-    if allowed and (policy is None or policy.carries_budget):
-        payload[MM_KWARGS_FIELD] = allowed
+    if (allowed or options) and (policy is None or policy.carries_budget):
+        payload[MM_KWARGS_FIELD] = {**options, **allowed}
     return payload
 
 
@@ -212,7 +216,7 @@ class VisualTokenBudgetMiddleware:
         payload = self._parse(body)
         if not isinstance(payload, dict):  # not a request object: vLLM answers it as usual
             return body, headers
-        payload = rewrite_payload(payload, policy, server.refusal)
+        payload = rewrite_payload(payload, policy, server.refusal, server.model_options)
         if server.refusal is None and policy.carries_budget:
             headers = _announce_request(payload, headers, policy)
         return json.dumps(payload, separators=(",", ":")).encode(), headers
@@ -239,13 +243,15 @@ class VisualTokenBudgetMiddleware:
 class _ServerFacts:
     """What the middleware needs to know about the server it runs in, read from the app once it is set up."""
 
-    def __init__(self, key_check: Callable[[Scope], bool] | None, refusal: str | None, complete: bool) -> None:
+    def __init__(self, key_check: Callable[[Scope], bool] | None, refusal: str | None, complete: bool,
+                 model_options: tuple[str, ...] = ()) -> None:
         self.key_check, self.refusal, self.complete = key_check, refusal, complete
+        self.model_options = model_options
 
     @classmethod
     def of(cls, app: Any) -> _ServerFacts:
         from textscythe_vllm._vllm import api_key_check, served_model
-        from textscythe_vllm.plugin import MODEL_CLASSES, plugin_registered
+        from textscythe_vllm.plugin import MODEL_CLASSES, REQUEST_PROCESSOR_OPTIONS, plugin_registered
 
         if app is None:  # outside a Starlette app (unit tests of the rewrite): nothing to learn
             return cls(None, None, complete=True)
@@ -261,7 +267,8 @@ class _ServerFacts:
         elif architecture not in MODEL_CLASSES:
             refusal = (f"model '{name}' (architecture {architecture}) is not pruned by textscythe-vllm, which "
                        f"supports {', '.join(MODEL_CLASSES)}")
-        return cls(key_check, refusal, complete=True)
+        options = () if refusal else REQUEST_PROCESSOR_OPTIONS.get(architecture, ())
+        return cls(key_check, refusal, complete=True, model_options=options)
 
 
 def _unauthorized() -> RequestRejected:

@@ -32,6 +32,11 @@ MODEL_CLASSES = {
     "InternVLChatModel": "textscythe_vllm.models.internvl:TextScytheInternVLChatModel",
     "InternVLForConditionalGeneration": "textscythe_vllm.models.internvl:TextScytheInternVLForConditionalGeneration",
 }
+#: Per architecture: the model's own ``mm_processor_kwargs`` a request may set; the HTTP middleware lets these
+#: through and the model's processor validates them (``request_processor_options``), every other key is dropped.
+REQUEST_PROCESSOR_OPTIONS: dict[str, tuple[str, ...]] = {
+    "Gemma4ForConditionalGeneration": ("max_soft_tokens",),
+}
 
 _registered = False
 

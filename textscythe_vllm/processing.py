@@ -22,8 +22,11 @@ A model family may prune several modalities (``pruned_modalities``, e.g. Qwen2.5
 modality gets its own plans, located by its own placeholder token, and its own per-item field
 (:func:`plan_field`); the budget applies to every item of every pruned modality.
 
-Without a budget nothing changes: the plugin's keys are removed and the stock processor runs with the
-request's other kwargs, so hashes and placeholders are exactly stock vLLM's.
+Without a budget nothing changes: the plugin's keys are removed and the stock processor runs with what stock
+vLLM would give it, so hashes and placeholders are exactly stock vLLM's. A request's other
+``mm_processor_kwargs`` are dropped, except the model's own options a family admits
+(:meth:`RequestPlanning.request_processor_options`: Gemma 4's ``max_soft_tokens``, never above the server's), which
+reach vLLM's processor as they would without the plugin.
 """
 
 from __future__ import annotations
@@ -96,16 +99,17 @@ UNPRUNED = ItemPlan(budget=0, selector="", instruction=())
 _profiling = threading.local()
 
 
-def allow_listed_request_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
+def allow_listed_request_kwargs(kwargs: Mapping[str, object],
+                                admitted: Sequence[str] = ()) -> dict[str, object]:
     """The request's ``mm_processor_kwargs`` restricted to :data:`CLIENT_KEYS`.
 
     Whatever frontend a request came through (any HTTP route, offline ``LLM``, a frontend vLLM adds later), a
     request may set only the plugin's own fields: other HF-processor options (``do_resize``, ``size``, ...) can
     make the worker fail on every request of the batch, and the plugin's private keys must not be forged.
-    Each dropped key is logged once.
+    Each dropped key is logged once, except the model options in ``admitted`` (validated by the family).
     """
     allowed = {key: value for key, value in kwargs.items() if key in CLIENT_KEYS}
-    for key in kwargs.keys() - allowed.keys() - {REQUEST_TAG_KEY}:
+    for key in kwargs.keys() - allowed.keys() - {REQUEST_TAG_KEY, *admitted}:
         _log_dropped_once(str(key))
     return allowed
 
@@ -283,6 +287,24 @@ def carrying_plans(plans: Mapping[str, tuple[ItemPlan, ...]]) -> Iterator[None]:
         _in_flight.reset(token)
 
 
+_options_in_flight: ContextVar[Mapping[str, object] | None] = ContextVar("textscythe_request_options", default=None)
+
+
+@contextlib.contextmanager
+def carrying_request_options(options: Mapping[str, object]) -> Iterator[None]:
+    """Make the request's admitted model options visible to the processing steps and metrics inside the block."""
+    token = _options_in_flight.set(options)
+    try:
+        yield
+    finally:
+        _options_in_flight.reset(token)
+
+
+def request_options_in_flight() -> Mapping[str, object]:
+    """The admitted model options of the request being processed (see ``request_processor_options``)."""
+    return _options_in_flight.get() or {}
+
+
 def plans_in_flight(modality: str, num_items: int) -> Sequence[ItemPlan]:
     """The plans of the ``num_items`` items of ``modality`` vLLM is processing now (unpruned when none)."""
     current = _in_flight.get()
@@ -324,7 +346,9 @@ class RequestPlanning:
             return super().apply(  # type: ignore[misc]
                 replace(inputs, hf_processor_mm_kwargs=strip_private_kwargs(inputs.hf_processor_mm_kwargs)), timing_ctx
             )
-        request_kwargs = allow_listed_request_kwargs(inputs.hf_processor_mm_kwargs)
+        options = self.request_processor_options(
+            {key: value for key, value in inputs.hf_processor_mm_kwargs.items() if key in self.request_option_keys})
+        request_kwargs = allow_listed_request_kwargs(inputs.hf_processor_mm_kwargs, self.request_option_keys)
         request_ids = metrics.REQUEST_BUCKETS.claim(inputs.hf_processor_mm_kwargs.get(REQUEST_TAG_KEY))
         # The operator's --mm-processor-kwargs are merged in here and in every HF-processor call (through the
         # context): only the request's own options are restricted to the plugin's keys.
@@ -336,11 +360,13 @@ class RequestPlanning:
         if explained:
             plans = {modality: tuple(replace(plan, explain_id=secrets.randbits(62) | 1) for plan in modality_plans)
                      for modality, modality_plans in plans.items()}
-        # The request's options are the plugin's only, and they travel as plans: vLLM and the HF processor get
-        # what stock vLLM gives them for a request without options.
-        with carrying_plans(plans):
-            result = super().apply(replace(inputs, hf_processor_mm_kwargs={}), timing_ctx)  # type: ignore[misc]
-        self._record_metrics(inputs, request, result, request_ids)  # type: ignore[attr-defined]
+        # The plugin's options travel as plans: vLLM and the HF processor get what stock vLLM gives them for a
+        # request with only the model options the family admitted.
+        with carrying_request_options(options):
+            with carrying_plans(plans):
+                result = super().apply(replace(inputs, hf_processor_mm_kwargs=dict(options)),  # type: ignore[misc]
+                                       timing_ctx)
+            self._record_metrics(inputs, request, result, request_ids)  # type: ignore[attr-defined]
         if explained:
             self._record_explanation(request_ids, plans)  # type: ignore[attr-defined]
         return result
@@ -364,6 +390,17 @@ class RequestPlanning:
 
     def _check_request(self, request: PruningRequest | None) -> None:
         """Refuse a request the model cannot serve by raising ``PruningRequestError``; by default accept all."""
+
+    #: The model's own ``mm_processor_kwargs`` keys a request may set (each validated by
+    #: :meth:`request_processor_options`); the HTTP middleware lets them through for this architecture
+    #: (``plugin.REQUEST_PROCESSOR_OPTIONS``).
+    request_option_keys: tuple[str, ...] = ()
+
+    def request_processor_options(self, options: Mapping[str, object]) -> dict[str, object]:
+        """The request's model options (keys of :attr:`request_option_keys` only), validated: raise
+        ``PruningRequestError`` for a value the server must not take (one that would raise its cost above what
+        the operator configured). By default there are none."""
+        return {}
 
     # -- hooks called by _vllm.ProcessorHooks -------------------------------------------------------------------
     def add_plan_fields(self, processed_data: Any) -> Any:

@@ -3,7 +3,9 @@
 Visual tokens (*soft tokens*): the vision tower's output pooled 3 x 3 (``pooling_kernel_size``) by patch position,
 one row per pooled cell in raster order (row of cells, then column), padding stripped, then projected
 (``embed_vision``). An image has at most ``max_soft_tokens`` rows (the checkpoint's ``default_output_length``, or
-the server's ``--mm-processor-kwargs '{"max_soft_tokens": ...}'``); a video is its frames, each encoded as an
+the server's ``--mm-processor-kwargs '{"max_soft_tokens": ...}'``, or a request's ``mm_processor_kwargs``
+``max_soft_tokens`` -- Gemma 4's own way to lower an image's resolution, admitted when it is one of Gemma 4's
+values and not above the server's; budgets then count those rows); a video is its frames, each encoded as an
 image of at most 70 rows and preceded in the prompt by an ``mm:ss`` timestamp. The budget counts the rows of each
 image, and of each video over all its frames; a video's budget is shared between its frames by
 :func:`~textscythe_vllm.processing.spread_budget` (each frame's placeholder run is trimmed to its quota, its
@@ -31,6 +33,7 @@ eager vision encoder: encoder CUDA graphs are turned off for this model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -50,8 +53,14 @@ from textscythe_vllm._vllm import (
     gemma4_num_soft_tokens,
 )
 from textscythe_vllm.probes import NormedRotaryAttentionProbe
-from textscythe_vllm.processing import PruningProcessorMixin, video_frames, with_plugin_context
+from textscythe_vllm.processing import (
+    PruningProcessorMixin,
+    request_options_in_flight,
+    video_frames,
+    with_plugin_context,
+)
 from textscythe_vllm.pruning import EncodedItems, PruningModel
+from textscythe_vllm.request import PruningRequestError
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -60,11 +69,20 @@ MODALITIES = ("image", "video")
 POSITION_KEYS = {"image": "pixel_position_ids", "video": "pixel_position_ids_videos"}
 
 
+SOFT_TOKENS_OPTION = "max_soft_tokens"
+
+
 def configured_soft_tokens(info: Any) -> int | None:
     """The server's image ``max_soft_tokens`` (``--mm-processor-kwargs``), resolved as stock vLLM resolves it for
-    placeholders; ``None``: the checkpoint's default. (Requests cannot set it: the plugin keeps only its own keys.)"""
+    placeholders; ``None``: the checkpoint's default."""
     value, _ = gemma4_configured_soft_tokens(info.ctx.get_merged_mm_kwargs({}))
     return value if isinstance(value, int) and value in GEMMA4_SUPPORTED_SOFT_TOKENS else None
+
+
+def server_soft_tokens(info: Any) -> int:
+    """The most soft tokens the server gives an image: its ``max_soft_tokens``, else the checkpoint's default."""
+    configured = configured_soft_tokens(info)
+    return configured if configured is not None else int(info.get_hf_config().vision_config.default_output_length)
 
 
 def soft_token_cells(position_ids: Tensor, kernel: int) -> tuple[Tensor, Tensor, int]:
@@ -121,6 +139,19 @@ def match_scored_rows(scores: list[Tensor], positions: list[Tensor], views: list
 
 class TextScytheGemma4MultiModalProcessor(PruningProcessorMixin, Gemma4MultiModalProcessor):
     pruned_modalities = MODALITIES
+    request_option_keys = (SOFT_TOKENS_OPTION,)
+
+    def request_processor_options(self, options: Mapping[str, object]) -> dict[str, object]:
+        if options.get(SOFT_TOKENS_OPTION) is None:  # unset, as stock vLLM reads a null
+            return {}
+        value, ceiling = options[SOFT_TOKENS_OPTION], server_soft_tokens(self.info)
+        # Above the server's value an image would outgrow the encoder budget vLLM planned for it.
+        allowed = [tokens for tokens in GEMMA4_SUPPORTED_SOFT_TOKENS if tokens <= ceiling]
+        if type(value) is not int or value not in allowed:
+            raise PruningRequestError(
+                SOFT_TOKENS_OPTION, f"'{SOFT_TOKENS_OPTION}' must be one of {allowed} on this server (Gemma 4's "
+                f"values up to the server's {ceiling}), got {value!r}")
+        return {SOFT_TOKENS_OPTION: value}
 
     def placeholder_token_ids(self, modality: str = "image") -> list[int]:
         config = self.info.get_hf_config()
@@ -135,7 +166,9 @@ class TextScytheGemma4MultiModalProcessor(PruningProcessorMixin, Gemma4MultiModa
     def _unpruned_token_count(self, items: Any, index: int, modality: str = "image") -> int:
         if modality == "image":
             size = items.get_image_size(index)
-            return gemma4_num_soft_tokens(self.info, size.width, size.height, configured_soft_tokens(self.info))
+            requested = request_options_in_flight().get(SOFT_TOKENS_OPTION)
+            soft_tokens = requested if isinstance(requested, int) else configured_soft_tokens(self.info)
+            return gemma4_num_soft_tokens(self.info, size.width, size.height, soft_tokens)
         num_frames, width, height = video_frames(items, index)  # Gemma 4's videos carry metadata
         return num_frames * gemma4_num_soft_tokens(self.info, width, height, GEMMA4_VIDEO_SOFT_TOKENS)
 
