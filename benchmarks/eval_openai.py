@@ -330,7 +330,7 @@ def png_url(picture: Any) -> str:
 async def prompt_tokens(http, args: argparse.Namespace, messages: list[dict[str, object]],
                         budget: int | None = None, options: dict[str, object] | None = None) -> int | None:
     """The server's own count of the chat prompt (``POST /tokenize``), at ``budget`` and with the model
-    ``options`` when given; ``None`` when the server refuses the options (400)."""
+    ``options`` when given; ``None`` when the server refuses an option's value (a 400 naming it)."""
     body: dict[str, object] = {"model": args.model, "messages": messages}
     if budget is not None:
         body["visual_token_budget"] = budget
@@ -338,7 +338,7 @@ async def prompt_tokens(http, args: argparse.Namespace, messages: list[dict[str,
         body["mm_processor_kwargs"] = options
     response = await http.post(f"{args.base_url.removesuffix('/v1')}/tokenize", json=body,
                                headers={"Authorization": f"Bearer {args.api_key}"})
-    if options and response.status_code == 400:
+    if options and response.status_code == 400 and any(key in response.text for key in options):
         return None
     response.raise_for_status()
     return int(response.json()["count"])
@@ -346,9 +346,9 @@ async def prompt_tokens(http, args: argparse.Namespace, messages: list[dict[str,
 
 async def resolution_request(http, args: argparse.Namespace, sample: Sample, budget: int) -> Lowered:
     """The sample's image down-scaled (aspect kept) to the largest long side whose prompt has no more tokens than
-    the original image's at ``budget``: the same number of visual tokens by lowering the resolution. Where no size
-    gets there, the original image with the largest value of a model's own resolution option
-    (:data:`RESOLUTION_OPTIONS`) whose prompt does."""
+    the original image's at ``budget``: the same number of visual tokens by lowering the resolution. Where the size
+    does not drive the count, or no size gets there, the original image with the largest value of a model's own
+    resolution option (:data:`RESOLUTION_OPTIONS`) whose prompt does."""
     picture = load_image(sample.image)
 
     def scaled(side: int) -> Any:
@@ -361,23 +361,28 @@ async def resolution_request(http, args: argparse.Namespace, sample: Sample, bud
     original = build_messages(sample, png_url(picture), args.prompt_suffix)
     target = await prompt_tokens(http, args, original, budget)
     longest = max(picture.size)
-    if await tokens_at(longest) <= target:
+    full = await tokens_at(longest)
+    if full <= target:
         return Lowered(png_url(picture))
-    low, high = MIN_SIDE, longest  # invariant: tokens_at(high) > target
-    if await tokens_at(low) > target:
-        for key, values in RESOLUTION_OPTIONS.items():
-            for value in values:
-                tokens = await prompt_tokens(http, args, original, options={key: value})
-                if tokens is not None and tokens <= target:
-                    return Lowered(png_url(picture), {key: value})
-        raise ResolutionUnreachable(
-            f"even a {MIN_SIDE} px image has more than {target} prompt tokens on {args.model}, and no value of "
-            f"{', '.join(RESOLUTION_OPTIONS)} the server admits gets there: its token count does not follow the "
-            "resolution")
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if await tokens_at(middle) <= target else (low, middle)
-    return Lowered(png_url(scaled(low)))
+    # The size drives the count where halving the image's sides removes at least half its visual tokens. Gemma 4
+    # resizes every image to its max_soft_tokens, where a smaller image of the same aspect counts about the same
+    # (rounding moves it a few tokens either way): a bisection there would send a thumbnail the server blows up.
+    visual = full - target + budget
+    halved = await tokens_at(max(MIN_SIDE, longest // 2))
+    if halved <= full - visual // 2 and await tokens_at(MIN_SIDE) <= target:
+        low, high = MIN_SIDE, longest  # invariant: tokens_at(low) <= target < tokens_at(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if await tokens_at(middle) <= target else (low, middle)
+        return Lowered(png_url(scaled(low)))
+    for key, values in RESOLUTION_OPTIONS.items():
+        for value in values:
+            tokens = await prompt_tokens(http, args, original, options={key: value})
+            if tokens is not None and tokens <= target:
+                return Lowered(png_url(picture), {key: value})
+    raise ResolutionUnreachable(
+        f"no image size (down to {MIN_SIDE} px) and no value of {', '.join(RESOLUTION_OPTIONS)} the server admits "
+        f"gives {args.model} no more than {target} prompt tokens: its token count does not follow the resolution")
 
 
 async def evaluate(args: argparse.Namespace, samples: list[Sample], settings: list[Setting]) -> list[Outcome]:

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from textscythe_dev import tiny_gemma4
+from textscythe_dev.images import data_url, scene, video_data_url
 from textscythe_dev.images import media_message as message
-from textscythe_dev.images import scene, video_data_url
 from textscythe_dev.offline import read_selection_log
 from textscythe_dev.server import (
     BAD_VALUES,
@@ -26,6 +26,7 @@ from textscythe_dev.server import (
     chat,
     counted_visual_tokens,
     greedy_with_logprobs,
+    outputs_of,
     prompt_tokens,
 )
 from textscythe_vllm.processing import spread_budget
@@ -230,10 +231,38 @@ def test_request_max_soft_tokens_lowers_the_resolution_as_stock_vllm(wide, wide_
     assert unlowered[0] == full and theirs[0] == lowered  # control: stock honours the option too
 
 
+def test_one_batch_at_two_resolutions_selects_as_alone(wide, wide_client):
+    """Images at 70 and at 140 soft tokens pad to different patch counts, so the encoder gets them as separate
+    shapes in one batch: sent together, every request keeps the rows it keeps alone (attention matched to its
+    image, no fallback), so its tokens and log-probabilities are those it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [(seed, AT_70 if seed % 2 else {}) for seed in range(90, 96)]
+
+    def ask(seed: int, options: dict, uuid: str | None = None):
+        part = {"type": "image_url", "image_url": {"url": data_url(scene(seed, *WIDE))}}
+        if uuid is not None:  # a fresh cache key: encoded and selected again, not read from the encoder cache
+            part["uuid"] = uuid
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]
+        return outputs_of(chat(wide_client, wide, messages, 20, 4, logprobs=True,
+                               visual_token_selector="cls_attention", **options))
+
+    alone = [ask(seed, options) for seed, options in requests]
+    start = wide.log_path.stat().st_size
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda request: ask(*request, uuid=f"batch-{request[0]}"), requests))
+    for ours, solo in zip(together, alone, strict=True):
+        assert_same_outputs(ours, solo)
+    assert "do not match" not in wide.log_path.read_bytes()[start:].decode(errors="replace")
+    assert len({outputs[0] for outputs in alone}) == 1  # 20 kept of 70 or of 126: the same prompt length
+
+
 def test_eval_openai_resolution_baseline_uses_max_soft_tokens(wide, tmp_path):
     """``eval_openai.py``'s ``resolution`` baseline on Gemma 4, whose token count does not follow the image size:
     it sends Gemma 4's own ``max_soft_tokens`` (the largest the server admits that fits), so ``resolution@70``
-    has exactly the prompt of ``textscythe@70`` for an image of 70 soft tokens at 70."""
+    has exactly the prompt of ``textscythe@70`` for an image of 70 soft tokens at 70. The 697 x 409 image has 135
+    soft tokens at 140 but a 28 px copy of it 120 (Gemma 4 rounds each side to 48 px steps after scaling it to
+    the budget): at budget 125 the baseline must not send that thumbnail but the image at 70 (60 soft tokens)."""
     import json
     import subprocess
     import sys
@@ -241,13 +270,13 @@ def test_eval_openai_resolution_baseline_uses_max_soft_tokens(wide, tmp_path):
 
     dataset = tmp_path / "set.jsonl"
     with open(dataset, "w") as lines:
-        for index, size in enumerate([WIDE, (400, 280)]):
+        for index, size in enumerate([WIDE, (697, 409)]):
             scene(80 + index, *size).save(tmp_path / f"{index}.png")
             lines.write(json.dumps({"image": f"{index}.png", "question": QUESTION, "answer": "red"}) + "\n")
     out = tmp_path / "eval.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_openai.py"
     command = [sys.executable, str(script), "--base-url", f"{wide.base_url}/v1", "--model", wide.model_name,
-               "--dataset", str(dataset), "--budgets", "none,70,20", "--selectors", "textscythe,resolution",
+               "--dataset", str(dataset), "--budgets", "none,125,70,20", "--selectors", "textscythe,resolution",
                "--max-tokens", "2", "--concurrency", "2", "--no-plot", "--out", str(out),
                "--predictions", str(tmp_path / "predictions.jsonl")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -255,8 +284,11 @@ def test_eval_openai_resolution_baseline_uses_max_soft_tokens(wide, tmp_path):
     rows = {row["setting"]: row for row in json.loads(out.read_text())["settings"]}
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     tokens = {(p["setting"], p["index"]): p["prompt_tokens"] for p in predictions}
-    for index in range(2):
-        assert tokens[("resolution@70", index)] == tokens[("textscythe@70", index)] < tokens[("none", index)]
+    assert tokens[("resolution@70", 0)] == tokens[("textscythe@70", 0)] < tokens[("none", 0)]
+    assert tokens[("resolution@70", 1)] == tokens[("textscythe@70", 1)] - 10  # 60 soft tokens at 70
+    for index in range(2):  # both at 70: 140 gives 126 / 135 soft tokens
+        assert tokens[("resolution@125", index)] == tokens[("resolution@70", index)]
     # no value of Gemma 4's reaches 20 soft tokens: reported as errors saying why, not sent at full resolution
     assert (rows["resolution@20"]["samples"], rows["resolution@20"]["errors"]) == (2, 2)
-    assert rows["resolution@70"]["errors"] == 0
+    assert "does not follow the resolution" in json.loads(out.read_text())["first_errors"][0]
+    assert rows["resolution@70"]["errors"] == rows["resolution@125"]["errors"] == 0

@@ -246,6 +246,20 @@ def test_request_max_soft_tokens_lowers_resolution_never_above_the_servers(model
     assert embed_runs(_apply(processor, max_soft_tokens=70), "image") == [70]
 
 
+def test_prompt_and_hashes_are_stock_vllms_with_and_without_the_option(model_dir):
+    """Without a budget, a request with or without ``max_soft_tokens`` gets stock vLLM's prompt and item hashes
+    (so its cache entries are stock's too)."""
+    from textscythe_vllm._vllm import Gemma4MultiModalProcessor, Gemma4ProcessingInfo
+
+    wide = make_processor(model_dir, mm_processor_kwargs={"max_soft_tokens": 140})
+    stock = Gemma4MultiModalProcessor(Gemma4ProcessingInfo(wide.info.ctx), wide.dummy_inputs)
+    for options in ({}, {"max_soft_tokens": 70}):
+        ours, theirs = _apply(wide, **options), _apply(stock, **options)
+        assert ours["mm_hashes"] == theirs["mm_hashes"]
+        assert ours["prompt_token_ids"] == theirs["prompt_token_ids"]
+    assert _apply(stock)["mm_hashes"] != _apply(stock, max_soft_tokens=70)["mm_hashes"]
+
+
 def test_other_request_processor_options_are_dropped(processor):
     """Only the top-level ``max_soft_tokens`` is admitted (and checked): the nested form Gemma 4 also reads, which
     would give this image 126 soft tokens, never reaches it."""

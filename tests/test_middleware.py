@@ -223,6 +223,30 @@ def test_unsupported_model_refuses_any_plugin_field(vllm_app):
         serve_model(vllm_app, "LlavaForConditionalGeneration")
 
 
+@pytest.mark.parametrize(("architecture", "registered", "forwarded"), [
+    ("Gemma4ForConditionalGeneration", True, {"max_soft_tokens": 70}),
+    # without the plugin, stock Gemma 4 would take any value, unchecked against the server's
+    ("Gemma4ForConditionalGeneration", False, {}),
+    ("LlavaForConditionalGeneration", True, {}),
+])
+def test_a_model_option_reaches_only_the_plugins_model_that_admits_it(vllm_app, monkeypatch, architecture,
+                                                                       registered, forwarded):
+    from textscythe_vllm.models.gemma4 import TextScytheGemma4MultiModalProcessor
+
+    assert plugin.REQUEST_PROCESSOR_OPTIONS["Gemma4ForConditionalGeneration"] == \
+        TextScytheGemma4MultiModalProcessor.request_option_keys
+    monkeypatch.setattr(plugin, "_registered", registered)
+    body = {"messages": [], "mm_processor_kwargs": {"max_soft_tokens": 70, "images_kwargs": {"max_soft_tokens": 1}}}
+    serve_model(vllm_app, architecture)
+    try:
+        status, _, downstream = guarded(vllm_app, body)
+    finally:
+        serve_model(vllm_app, "LlavaForConditionalGeneration")  # the module's app serves LLaVA
+    assert status == 200
+    kwargs = json.loads(downstream.body).get("mm_processor_kwargs", {})
+    assert {key: value for key, value in kwargs.items() if not key.startswith("_textscythe")} == forwarded
+
+
 def test_plugin_not_loaded_refuses_budgets(vllm_app, monkeypatch):
     monkeypatch.setattr(plugin, "_registered", False)
     status, payload, _ = guarded(vllm_app, {"visual_token_budget": 64})

@@ -33,6 +33,7 @@ eager vision encoder: encoder CUDA graphs are turned off for this model.
 from __future__ import annotations
 
 import logging
+import reprlib
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -150,7 +151,7 @@ class TextScytheGemma4MultiModalProcessor(PruningProcessorMixin, Gemma4MultiModa
         if type(value) is not int or value not in allowed:
             raise PruningRequestError(
                 SOFT_TOKENS_OPTION, f"'{SOFT_TOKENS_OPTION}' must be one of {allowed} on this server (Gemma 4's "
-                f"values up to the server's {ceiling}), got {value!r}")
+                f"values up to the server's {ceiling}), got {reprlib.repr(value)}")
         return {SOFT_TOKENS_OPTION: value}
 
     def placeholder_token_ids(self, modality: str = "image") -> list[int]:
