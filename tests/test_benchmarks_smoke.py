@@ -197,29 +197,18 @@ def test_eval_openai_resolution_baseline_matches_the_budget_on_qwen(tmp_path: Pa
     """The ``resolution`` baseline on a family whose token count follows the image size (Qwen2.5-VL): each image
     is down-scaled to no more prompt tokens than the plugin's budget gives it, and close to it."""
     from textscythe_dev.images import scene
-    from textscythe_dev.server import VLLMServer
+    from textscythe_dev.server import VLLMServer, run_eval_openai
     from textscythe_dev.tiny_qwen import build_tiny_qwen2_5_vl
 
     model = build_tiny_qwen2_5_vl(tmp_path / "tiny-qwen")
-    dataset = tmp_path / "set.jsonl"
-    with open(dataset, "w") as lines:
-        for index, (width, height) in enumerate([(336, 224), (448, 448), (224, 336)]):
-            scene(index, width, height).save(tmp_path / f"{index}.png")
-            lines.write(json.dumps({"image": f"{index}.png", "question": "what colour is the car ?",
-                                    "answer": "red"}) + "\n")
-    out = tmp_path / "eval.json"
+    images = [scene(index, width, height) for index, (width, height) in enumerate([(336, 224), (448, 448), (224, 336)])]
     with VLLMServer(model, ["--load-format", "dummy", "--seed", "0"], log_path=tmp_path / "vllm.log",
                     served_model_name="tiny-qwen") as server:
-        command = [sys.executable, str(BENCHMARKS / "eval_openai.py"), "--base-url", server.base_url,
-                   "--dataset", str(dataset), "--budgets", "none,24", "--selectors", "textscythe,resolution",
-                   "--max-tokens", "2", "--concurrency", "2", "--no-plot", "--out", str(out),
-                   "--predictions", str(tmp_path / "predictions.jsonl")]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {row["setting"]: row for row in json.loads(out.read_text())["settings"]}
-    assert all(row["errors"] == 0 for row in rows.values()), rows
-    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    tokens = {(p["setting"], p["index"]): p["prompt_tokens"] for p in predictions}
+        run = run_eval_openai(server, tmp_path / "eval", ["--budgets", "none,24", "--selectors",
+                                                         "textscythe,resolution", "--max-tokens", "2",
+                                                         "--concurrency", "2", "--no-plot"], images)
+    assert all(row["errors"] == 0 for row in run.rows.values()), run.rows
+    tokens = run.prompt_tokens
     for index in range(3):
         pruned, lowered = tokens[("textscythe@24", index)], tokens[("resolution@24", index)]
         assert pruned - 8 <= lowered <= pruned, (index, pruned, lowered)  # Qwen2.5-VL: 28 px steps of a grid
@@ -229,18 +218,14 @@ def test_eval_openai_resolution_baseline_matches_the_budget_on_qwen(tmp_path: Pa
 @pytest.mark.server
 def test_eval_openai_against_tiny_server(tiny_llava_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("easy_vqa")
-    from textscythe_dev.server import VLLMServer
+    from textscythe_dev.server import VLLMServer, run_eval_openai
 
-    out = tmp_path / "eval.json"
     with VLLMServer(tiny_llava_dir, ["--load-format", "dummy", "--seed", "0"],
                     log_path=tmp_path / "vllm.log") as server:
-        command = [sys.executable, str(BENCHMARKS / "eval_openai.py"), "--base-url", server.base_url,
-                   "--dataset", "easy-vqa", "--max-samples", "6", "--budgets", "none,64",
-                   "--selectors", "textscythe,random,resolution", "--max-tokens", "4", "--concurrency", "3",
-                   "--out", str(out), "--predictions", str(tmp_path / "predictions.jsonl")]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
+        run = run_eval_openai(server, tmp_path / "eval", [
+            "--dataset", "easy-vqa", "--max-samples", "6", "--budgets", "none,64",
+            "--selectors", "textscythe,random,resolution", "--max-tokens", "4", "--concurrency", "3"])
+    report, rows, predictions = run.report, dict(run.rows), run.predictions
     assert report["config"]["model"] == "tiny-llava"  # found through GET /v1/models
     rows = {row["setting"]: row for row in report["settings"]}
     assert list(rows) == ["none", "textscythe@64", "random@64", "resolution@64"]
@@ -248,7 +233,6 @@ def test_eval_openai_against_tiny_server(tiny_llava_dir: Path, tmp_path: Path) -
     assert (rows["resolution@64"]["samples"], rows["resolution@64"]["errors"]) == (6, 6)
     assert "does not follow the resolution" in report["first_errors"][0]
     del rows["resolution@64"]
-    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     predictions = [p for p in predictions if p["setting"] != "resolution@64"]
     scorer = _load_script("eval_openai")
     for name, row in rows.items():
@@ -263,8 +247,8 @@ def test_eval_openai_against_tiny_server(tiny_llava_dir: Path, tmp_path: Path) -
         saved = rows["none"]["mean_prompt_tokens"] - rows[name]["mean_prompt_tokens"]
         assert saved == pytest.approx(IMAGE_TOKENS - 64)
         assert rows[name]["visual_tokens_per_image"] == pytest.approx(IMAGE_TOKENS)
-    assert "retain 64 (↓88.9%)" in done.stdout and "| vanilla |" in done.stdout
-    assert out.with_suffix(".png").stat().st_size > 0
+    assert "retain 64 (↓88.9%)" in run.stdout and "| vanilla |" in run.stdout
+    assert run.out.with_suffix(".png").stat().st_size > 0
 
 
 def test_serving_flop_model_and_arguments() -> None:

@@ -28,6 +28,7 @@ from textscythe_dev.server import (
     greedy_with_logprobs,
     outputs_of,
     prompt_tokens,
+    run_eval_openai,
 )
 from textscythe_vllm.processing import spread_budget
 
@@ -263,32 +264,15 @@ def test_eval_openai_resolution_baseline_uses_max_soft_tokens(wide, tmp_path):
     has exactly the prompt of ``textscythe@70`` for an image of 70 soft tokens at 70. The 697 x 409 image has 135
     soft tokens at 140 but a 28 px copy of it 120 (Gemma 4 rounds each side to 48 px steps after scaling it to
     the budget): at budget 125 the baseline must not send that thumbnail but the image at 70 (60 soft tokens)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    dataset = tmp_path / "set.jsonl"
-    with open(dataset, "w") as lines:
-        for index, size in enumerate([WIDE, (697, 409)]):
-            scene(80 + index, *size).save(tmp_path / f"{index}.png")
-            lines.write(json.dumps({"image": f"{index}.png", "question": QUESTION, "answer": "red"}) + "\n")
-    out = tmp_path / "eval.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_openai.py"
-    command = [sys.executable, str(script), "--base-url", f"{wide.base_url}/v1", "--model", wide.model_name,
-               "--dataset", str(dataset), "--budgets", "none,125,70,20", "--selectors", "textscythe,resolution",
-               "--max-tokens", "2", "--concurrency", "2", "--no-plot", "--out", str(out),
-               "--predictions", str(tmp_path / "predictions.jsonl")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {row["setting"]: row for row in json.loads(out.read_text())["settings"]}
-    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    tokens = {(p["setting"], p["index"]): p["prompt_tokens"] for p in predictions}
+    run = run_eval_openai(wide, tmp_path, ["--model", wide.model_name, "--budgets", "none,125,70,20", "--selectors",
+                                           "textscythe,resolution", "--max-tokens", "2", "--concurrency", "2",
+                                           "--no-plot"], [scene(80, *WIDE), scene(81, 697, 409)], QUESTION)
+    rows, tokens = run.rows, run.prompt_tokens
     assert tokens[("resolution@70", 0)] == tokens[("textscythe@70", 0)] < tokens[("none", 0)]
     assert tokens[("resolution@70", 1)] == tokens[("textscythe@70", 1)] - 10  # 60 soft tokens at 70
     for index in range(2):  # both at 70: 140 gives 126 / 135 soft tokens
         assert tokens[("resolution@125", index)] == tokens[("resolution@70", index)]
     # no value of Gemma 4's reaches 20 soft tokens: reported as errors saying why, not sent at full resolution
     assert (rows["resolution@20"]["samples"], rows["resolution@20"]["errors"]) == (2, 2)
-    assert "does not follow the resolution" in json.loads(out.read_text())["first_errors"][0]
+    assert "does not follow the resolution" in run.report["first_errors"][0]
     assert rows["resolution@70"]["errors"] == rows["resolution@125"]["errors"] == 0

@@ -328,3 +328,46 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.25) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@dataclass
+class EvalRun:
+    """What one ``benchmarks/eval_openai.py`` run wrote: the report (at ``out``), its settings by name, every
+    sample's prediction, what it printed, and every sample's ``usage.prompt_tokens`` by ``(setting, index)``."""
+
+    report: dict[str, Any]
+    rows: dict[str, dict[str, Any]]
+    predictions: list[dict[str, Any]]
+    stdout: str
+    out: Path
+
+    @property
+    def prompt_tokens(self) -> dict[tuple[str, int], int]:
+        return {(p["setting"], p["index"]): p["prompt_tokens"] for p in self.predictions}
+
+
+def run_eval_openai(server: VLLMServer, workdir: Path, arguments: Sequence[str],
+                    images: Sequence[Any] = (), question: str = "what colour is the car ?") -> EvalRun:
+    """Run ``benchmarks/eval_openai.py`` against ``server`` with ``arguments`` (budgets, selectors, ...), on a
+    JSONL set of ``images`` (PIL, each asked ``question``, answer "red") unless ``arguments`` name a dataset;
+    asserts it exited 0."""
+    import json
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    dataset: list[str] = []
+    if images:
+        path = workdir / "set.jsonl"
+        with open(path, "w") as lines:
+            for index, image in enumerate(images):
+                image.save(workdir / f"{index}.png")
+                lines.write(json.dumps({"image": f"{index}.png", "question": question, "answer": "red"}) + "\n")
+        dataset = ["--dataset", str(path)]
+    out, predictions = workdir / "eval.json", workdir / "predictions.jsonl"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_openai.py"
+    command = [sys.executable, str(script), "--base-url", f"{server.base_url}/v1", *dataset, *arguments,
+               "--out", str(out), "--predictions", str(predictions)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    return EvalRun(report, {row["setting"]: row for row in report["settings"]},
+                   [json.loads(line) for line in predictions.read_text().splitlines()], done.stdout, out)
