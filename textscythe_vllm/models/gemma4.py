@@ -146,7 +146,8 @@ class TextScytheGemma4MultiModalProcessor(PruningProcessorMixin, Gemma4MultiModa
         if options.get(SOFT_TOKENS_OPTION) is None:  # unset, as stock vLLM reads a null
             return {}
         value, ceiling = options[SOFT_TOKENS_OPTION], server_soft_tokens(self.info)
-        # Above the server's value an image would outgrow the encoder budget vLLM planned for it.
+        # Above the server's value a client would buy more soft tokens per image than the operator configured
+        # and vLLM planned its encoder budget for (stock vLLM serves that).
         allowed = [tokens for tokens in GEMMA4_SUPPORTED_SOFT_TOKENS if tokens <= ceiling]
         if type(value) is not int or value not in allowed:
             raise PruningRequestError(
