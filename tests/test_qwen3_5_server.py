@@ -1,7 +1,7 @@
 """Real ``vllm serve`` with the plugin on a tiny Qwen3.5 (the Qwen3-VL tower without DeepStack, a hybrid LLM: one
 Gated-DeltaNet linear-attention layer, one full-attention layer). vLLM's CPU Gated-DeltaNet kernel runs in
-bfloat16 only, so the server does too (saved random weights, cast): the Qwen3-VL budget tests run against it, and
-requests without a budget equal stock vLLM's token for token."""
+bfloat16 only, so the server does too (saved random weights, cast): the Qwen3-VL budget, bad-value and metrics
+tests run against it, and requests without a budget equal stock vLLM's token for token."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from test_qwen3_vl_server import (  # noqa: F401 - collected here, against this 
     QUESTION,
     _with_clip,
     message,
+    test_bad_values_are_400,
     test_every_selector_serves_images_and_videos,
     test_image_budgets_change_prompt_tokens_exactly,
     test_images_and_video_in_one_request_budget_per_item,
+    test_metrics_count_tokens_before_and_after,
     test_video_budget_is_spread_over_frames_and_timestamps_stay,
 )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from test_qwen3_vl_server import (  # noqa: F401 - collected here, against this module's server
     ARGS,
+    test_bad_values_are_400,
     test_every_selector_serves_images_and_videos,
     test_image_budgets_change_prompt_tokens_exactly,
     test_images_and_video_in_one_request_budget_per_item,
