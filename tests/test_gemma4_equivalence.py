@@ -30,7 +30,6 @@ same prompt ids, greedy tokens and kept positions as sent alone.
 from __future__ import annotations
 
 import base64
-import json
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ import torch
 
 from textscythe_dev import tiny_gemma4
 from textscythe_dev.images import data_url, decoded_frames, scene
+from textscythe_dev.offline import read_selection_log
 from textscythe_dev.reference import largest_difference
 from textscythe_dev.server import Served
 from textscythe_dev.server import chat as server_chat
@@ -129,10 +129,6 @@ class ServedCase:
     prefill: list[int] = field(default_factory=list)  # sent alone: the tokens of each step that prefilled it
 
 
-def selections(selection_log) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in selection_log.read_text().splitlines()] if selection_log.exists() else []
-
-
 def ask(client, server, case: Case, uuid: str | None = None) -> ServedCase:
     """One greedy completion of the case; ``kept`` is left empty."""
     extra = {"visual_token_selector": case.selector} if case.budget else {}
@@ -155,11 +151,11 @@ def served(client, server, selection_log) -> dict[str, ServedCase]:
     """Every case once, alone, through the server; each pruned item's kept positions from the selection log."""
     results = {}
     for case in CASES:
-        start, offset = len(selections(selection_log)), server.log_path.stat().st_size
+        start, offset = len(read_selection_log(selection_log)), server.log_path.stat().st_size
         result = ask(client, server, case)
         # a step that prefills is logged before the ones that decode, so all of them are in the log by now
         result.prefill = [tokens for requests, tokens, _, _ in engine_steps(server, offset) if requests]
-        records = selections(selection_log)[start:]
+        records = read_selection_log(selection_log)[start:]
         # the model embeds images before videos (the order of its parsed inputs); one record per pruned item
         modalities = [m for m, seed in (("image", case.image), ("video", case.video)) if seed is not None]
         kept = {}
@@ -182,11 +178,11 @@ class Batched:
 @pytest.fixture(scope="module")
 def batched(client, server, selection_log, served) -> Batched:
     """Every case at once (one thread each), after the solo run."""
-    start, offset = len(selections(selection_log)), server.log_path.stat().st_size
+    start, offset = len(read_selection_log(selection_log)), server.log_path.stat().st_size
     with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
         futures = {case.id: pool.submit(ask, client, server, case, f"batch-{case.id}") for case in CASES}
         results = {case_id: future.result() for case_id, future in futures.items()}
-    return Batched(results, selections(selection_log)[start:], engine_steps(server, offset))
+    return Batched(results, read_selection_log(selection_log)[start:], engine_steps(server, offset))
 
 
 class HFReference:

@@ -36,7 +36,6 @@ below.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch
 
 from textscythe_dev import tiny_internvl
 from textscythe_dev.images import decoded_frames, media_message, scene, video_data_url
+from textscythe_dev.offline import read_selection_log
 from textscythe_dev.reference import largest_difference, user_message_instructions
 from textscythe_dev.server import VLLMServer
 from textscythe_vllm.processing import spread_budget
@@ -322,14 +322,14 @@ def served(request, weights, tmp_path_factory) -> dict[str, Any]:
                     served_model_name=f"internvl-{fmt}") as server:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
         for case in CASES:
-            done = len(log.read_text().splitlines()) if log.exists() else 0
+            done = len(read_selection_log(log))
             extra: dict[str, Any] = {"return_token_ids": True, "return_tokens_as_token_ids": True}
             if case.budget is not None:
                 extra |= {"visual_token_budget": case.budget, "visual_token_selector": case.selector}
             response = client.chat.completions.create(
                 model=server.model_name, messages=[message(case)], max_tokens=MAX_TOKENS, temperature=0.0,
                 logprobs=True, extra_body=extra)
-            records = [json.loads(line) for line in log.read_text().splitlines()[done:]] if log.exists() else []
+            records = read_selection_log(log)[done:]
             content = response.choices[0].logprobs.content  # tokens as "token_id:<id>"
             results[case.id] = {
                 "prompt_tokens": response.usage.prompt_tokens,

@@ -53,6 +53,7 @@ from textscythe_vllm._vllm import (
     gemma4_configured_soft_tokens,
     gemma4_num_soft_tokens,
 )
+from textscythe_vllm.plugin import REQUEST_PROCESSOR_OPTIONS
 from textscythe_vllm.probes import NormedRotaryAttentionProbe
 from textscythe_vllm.processing import (
     PruningProcessorMixin,
@@ -140,7 +141,7 @@ def match_scored_rows(scores: list[Tensor], positions: list[Tensor], views: list
 
 class TextScytheGemma4MultiModalProcessor(PruningProcessorMixin, Gemma4MultiModalProcessor):
     pruned_modalities = MODALITIES
-    request_option_keys = (SOFT_TOKENS_OPTION,)
+    request_option_keys = REQUEST_PROCESSOR_OPTIONS["Gemma4ForConditionalGeneration"]
 
     def request_processor_options(self, options: Mapping[str, object]) -> dict[str, object]:
         if options.get(SOFT_TOKENS_OPTION) is None:  # unset, as stock vLLM reads a null
